@@ -1,0 +1,129 @@
+"""The ``vlm-guard`` command: build objects from configuration, run servers and tools.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad configuration (one line on
+stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from guard import __version__
+from guard.config import DEFENSES, ConfigError, GuardConfig, load_config
+
+log = logging.getLogger("guard")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-guard", description="Inference-time guard proxy for vision-language models."
+    )
+    parser.add_argument("--version", action="version", version=f"vlm-guard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the guard in front of an upstream")
+    serve.add_argument("--config", type=Path, help="YAML configuration file")
+    serve.add_argument(
+        "--upstream", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
+    )
+    serve.add_argument("--host", help="address to listen on")
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--grpc-port", type=int, help="0 picks a free port; -1 disables gRPC")
+    serve.add_argument(
+        "--defenses", help=f"comma-separated subset of {','.join(DEFENSES)}, or 'none'"
+    )
+    serve.add_argument("--mode", choices=("enforce", "monitor"))
+
+    toy = sub.add_parser("toy", help="the miniature world: stand-in upstream")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    up = toy_sub.add_parser("upstream", help="serve an OpenAI-compatible stand-in for vLLM")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--model", default="echo", help="'echo' (the built-in echo model)")
+    up.add_argument("--token-delay", type=float, default=0.0, help="seconds per streamed token")
+    return parser
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the flags given on the command line override file and environment."""
+    server: dict[str, Any] = {}
+    if args.host is not None:
+        server["host"] = args.host
+    if args.http_port is not None:
+        server["http_port"] = args.http_port
+    if args.grpc_port is not None:
+        server["grpc_port"] = None if args.grpc_port < 0 else args.grpc_port
+    pipeline: dict[str, Any] = {}
+    if args.defenses is not None:
+        names = [n.strip() for n in args.defenses.split(",") if n.strip()]
+        if names == ["none"]:
+            names = []
+        unknown = [n for n in names if n not in DEFENSES]
+        if unknown:
+            raise ConfigError(
+                f"unknown defense(s) {','.join(unknown)}; choose from {','.join(DEFENSES)} or none"
+            )
+        pipeline["defenses"] = names
+    if args.mode is not None:
+        pipeline["mode"] = args.mode
+    out: dict[str, Any] = {}
+    if server:
+        out["server"] = server
+    if pipeline:
+        out["pipeline"] = pipeline
+    if args.upstream is not None:
+        out["upstream"] = {"url": args.upstream}
+    return out
+
+
+def _configure_logging(cfg: GuardConfig) -> None:
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _serve(cfg: GuardConfig) -> None:
+    from guard.server import GuardServer, build_service
+
+    server = GuardServer(cfg, build_service(cfg))
+    await server.start()
+    await server.run_until_signal()
+
+
+def _toy_upstream(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from guard.toy.openai_server import EchoModel, create_app
+
+    if args.model != "echo":
+        raise ConfigError(f"unknown stand-in model {args.model!r}; available: echo")
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(EchoModel(args.model), token_delay_s=args.token_delay)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            cfg = load_config(args.config, _serve_overrides(args))
+            _configure_logging(cfg)
+            asyncio.run(_serve(cfg))
+            return 0
+        if args.command == "toy" and args.toy_command == "upstream":
+            return _toy_upstream(args)
+    except ConfigError as e:
+        print(f"vlm-guard: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2

@@ -1,0 +1,222 @@
+"""Configuration: one pydantic model per component, loaded once by ``cli.py`` and passed down.
+
+Precedence, highest first: command-line flags, ``VLM_GUARD_*`` environment variables (``__``
+separates nesting levels, e.g. ``VLM_GUARD_SERVER__HTTP_PORT=9000``), the YAML file, defaults.
+Unknown keys are errors everywhere, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+MiB = 1024 * 1024
+DEFENSES = ("purify", "reasoner", "backdoor")
+FailMode = Literal["closed", "open"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    grpc_port: int | None = Field(50051, ge=0, le=65535, description="null disables gRPC")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="accepted bearer keys; empty = no authentication"
+    )
+    max_body_bytes: int = Field(32 * MiB, gt=0)
+    grpc_max_message_bytes: int = Field(32 * MiB, gt=0)
+    block_response: Literal["error", "refusal"] = "error"
+    refusal_message: str = "I can't help with that request."
+    drain_seconds: float = Field(30.0, ge=0, description="grace for open requests at shutdown")
+
+
+class UpstreamConfig(_Section):
+    url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000/v1")
+    api_key: SecretStr | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(600.0, gt=0, description="per read; long generations stream")
+    ready_timeout_s: float = Field(2.0, gt=0)
+    max_connections: int = Field(1000, gt=0)
+
+
+class FetchConfig(_Section):
+    timeout_s: float = Field(10.0, gt=0, description="total deadline for one image fetch")
+    max_redirects: int = Field(3, ge=0, le=10)
+    allow_domains: list[str] = Field(
+        default_factory=list, description="if set, only these hosts (and their subdomains)"
+    )
+    allow_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="non-global networks that may be fetched from (e.g. an in-cluster store)",
+    )
+    user_agent: str = "vlm-guard"
+
+    @field_validator("allow_domains")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        return [d.strip(".").lower() for d in v]
+
+
+class ImagesConfig(_Section):
+    max_images: int = Field(8, ge=0)
+    max_image_bytes: int = Field(20 * MiB, gt=0, description="encoded size of one image")
+    max_pixels: int = Field(50_000_000, gt=0)
+    min_side: int = Field(8, ge=1)
+    max_aspect: float = Field(50.0, ge=1)
+    formats: list[Literal["JPEG", "PNG", "WEBP", "GIF"]] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF"]  # type: ignore[arg-type]
+    )
+    fetch: FetchConfig = FetchConfig()
+
+
+class StageConfig(_Section):
+    """What the pipeline needs to know about any stage."""
+
+    timeout_s: float = Field(30.0, gt=0)
+    fail_mode: FailMode = "closed"
+
+
+class PurifyConfig(StageConfig):
+    pass
+
+
+class ReasonerConfig(StageConfig):
+    pass
+
+
+class BackdoorConfig(StageConfig):
+    pass
+
+
+class PipelineConfig(_Section):
+    mode: Literal["enforce", "monitor"] = "enforce"
+    defenses: list[Literal["purify", "reasoner", "backdoor"]] = Field(
+        default_factory=lambda: list(DEFENSES)  # type: ignore[arg-type]
+    )
+
+
+class AuditConfig(_Section):
+    path: Path | None = Field(None, description="JSON-lines file; null = standard error")
+    include_prompt: bool = False
+
+
+class GuardConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VLM_GUARD_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    images: ImagesConfig = ImagesConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    purify: PurifyConfig = PurifyConfig()
+    reasoner: ReasonerConfig = ReasonerConfig()
+    backdoor: BackdoorConfig = BackdoorConfig()
+    audit: AuditConfig = AuditConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def stage(self, name: str) -> StageConfig:
+        section = getattr(self, name)
+        assert isinstance(section, StageConfig)
+        return section
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+# The YAML file's contents for the load in progress: pydantic-settings builds sources per
+# class, so the per-call file travels in a context variable rather than a global.
+_yaml_data: ContextVar[Mapping[str, Any]] = ContextVar(
+    "vlm_guard_yaml", default=MappingProxyType({})
+)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _yaml_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_data.get())
+
+
+class ConfigError(Exception):
+    """Bad configuration: the message is one line, fit for stderr."""
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    path: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> GuardConfig:
+    """Build the configuration from file, environment and ``overrides`` (command-line flags)."""
+    _check_environment()
+    token = _yaml_data.set(read_yaml(path) if path is not None else {})
+    try:
+        return GuardConfig(**dict(overrides or {}))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ConfigError(f"invalid configuration at {where}: {first['msg']}{more}") from None
+    finally:
+        _yaml_data.reset(token)
+
+
+# Read by other parts of vlm-guard (the toy world's cache), not by GuardConfig.
+_OTHER_VARIABLES = frozenset({"VLM_GUARD_HOME"})
+
+
+def _check_environment() -> None:
+    """pydantic-settings ignores unknown variables; a misspelt override must not be ignored."""
+    sections = {name.upper() for name in GuardConfig.model_fields}
+    for name in os.environ:
+        if not name.startswith("VLM_GUARD_") or name in _OTHER_VARIABLES:
+            continue
+        top = name.removeprefix("VLM_GUARD_").split("__", 1)[0]
+        if top not in sections:
+            raise ConfigError(f"unknown environment variable {name}")

@@ -1,0 +1,130 @@
+"""Every error the guard reports to a client, with its HTTP status and gRPC code.
+
+::
+
+    GuardError                      500 internal_error           INTERNAL
+    ├── InvalidRequest              400 invalid_request_error    INVALID_ARGUMENT
+    │   └── PolicyViolation         400 content_policy_violation PERMISSION_DENIED
+    ├── PayloadTooLarge             413 invalid_request_error    RESOURCE_EXHAUSTED
+    ├── Unauthenticated             401 authentication_error     UNAUTHENTICATED
+    ├── NotFound                    404 not_found_error          NOT_FOUND
+    ├── StageDisabled               400 invalid_request_error    FAILED_PRECONDITION
+    ├── Overloaded                  429 rate_limit_error         RESOURCE_EXHAUSTED
+    ├── GuardUnavailable            503 guard_unavailable        UNAVAILABLE
+    ├── UpstreamUnavailable         502 upstream_error           UNAVAILABLE
+    └── UpstreamTimeout             504 upstream_timeout         DEADLINE_EXCEEDED
+
+Messages are written for clients: they never carry exception text, paths or addresses. The
+transports translate these in exactly one place each (``transport/http.py``'s exception
+handler, ``transport/grpc.py``'s interceptor).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class GuardError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = "internal_error"
+    grpc_code = grpc.StatusCode.INTERNAL
+    retryable = False
+    retry_after: int | None = None
+
+    def __init__(self, message: str = "internal error", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(GuardError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class PolicyViolation(InvalidRequest):
+    """The request was blocked by a stage in enforce mode."""
+
+    code = "content_policy_violation"
+    type = "invalid_request_error"
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class PayloadTooLarge(GuardError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unauthenticated(GuardError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class NotFound(GuardError):
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class StageDisabled(GuardError):
+    """An operation needs a stage this guard was started without."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "stage_disabled"
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Overloaded(GuardError):
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retryable = True
+    retry_after = 1
+
+
+class GuardUnavailable(GuardError):
+    """A stage failed (exception or timeout) under fail mode ``closed``."""
+
+    status = 503
+    type = "guard_unavailable"
+    code = "guard_unavailable"
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    retryable = True
+    retry_after = 1
+
+
+class UpstreamUnavailable(GuardError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    retryable = True
+    retry_after = 1
+
+
+class UpstreamTimeout(GuardError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    retryable = True

@@ -1,0 +1,121 @@
+"""Find the parts of an OpenAI request the guard judges, and rewrite images for forwarding.
+
+Chat bodies carry text and images inside ``messages[i].content``; a content is either a string
+or a list of typed parts. The guard judges every text part of every message (a harmful
+instruction can hide in a system or assistant turn as well as a user turn) and every
+``image_url`` part. Media parts it cannot inspect (video, audio, image embeddings) are refused
+rather than waved through.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from guard.errors import InvalidRequest
+from guard.types import ImageInput
+
+# vLLM accepts more multimodal part types than OpenAI; none of these can be checked here.
+UNCHECKABLE_PARTS = frozenset(
+    {"video_url", "audio_url", "input_audio", "image_embeds", "image_pil", "file", "input_file"}
+)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one image part sits in the body, and the URL it names."""
+
+    message: int
+    part: int
+    url: str
+
+    @property
+    def param(self) -> str:
+        return f"messages[{self.message}].content[{self.part}].image_url.url"
+
+
+@dataclass(frozen=True)
+class ChatParts:
+    text: str
+    images: tuple[ImageRef, ...]
+
+
+def chat_parts(body: Mapping[str, Any]) -> ChatParts:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+    texts: list[str] = []
+    images: list[ImageRef] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest("each message must be an object", param=f"messages[{i}]")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            if content:
+                texts.append(content)
+            continue
+        if not isinstance(content, list):
+            raise InvalidRequest(
+                "message content must be a string or an array of parts",
+                param=f"messages[{i}].content",
+            )
+        for j, part in enumerate(content):
+            _collect_part(part, i, j, texts, images)
+    return ChatParts("\n".join(texts), tuple(images))
+
+
+def _collect_part(part: Any, i: int, j: int, texts: list[str], images: list[ImageRef]) -> None:
+    param = f"messages[{i}].content[{j}]"
+    if not isinstance(part, dict):
+        raise InvalidRequest("each content part must be an object", param=param)
+    kind = part.get("type")
+    if kind in ("text", "refusal"):
+        text = part.get(kind)
+        if not isinstance(text, str):
+            raise InvalidRequest(f"{kind} part needs a string '{kind}'", param=f"{param}.{kind}")
+        texts.append(text)
+    elif kind == "image_url":
+        image_url = part.get("image_url")
+        url = image_url.get("url") if isinstance(image_url, dict) else None
+        if not isinstance(url, str) or not url:
+            raise InvalidRequest(
+                "image_url part needs an object with a string 'url'", param=f"{param}.image_url"
+            )
+        images.append(ImageRef(i, j, url))
+    elif kind in UNCHECKABLE_PARTS:
+        raise InvalidRequest(f"content parts of type '{kind}' are not accepted", param=param)
+    else:
+        raise InvalidRequest("unknown content part type", param=f"{param}.type")
+
+
+def completion_text(body: Mapping[str, Any]) -> str:
+    """The judged text of a legacy completions request (string or list of strings)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return "\n".join(prompt)
+    # Token-id prompts cannot be judged as text, and vLLM's prompt_embeds never can.
+    raise InvalidRequest("'prompt' must be a string or an array of strings", param="prompt")
+
+
+def rewrite_images(
+    body: Mapping[str, Any], refs: Sequence[ImageRef], urls: Sequence[str]
+) -> dict[str, Any]:
+    """A copy of ``body`` whose image parts name ``urls`` (the checked pixels) instead."""
+    if len(refs) != len(urls):
+        raise ValueError("one URL per image part is required")
+    if not refs:
+        return dict(body)
+    out = dict(body)
+    out["messages"] = copy.deepcopy(body["messages"])
+    for ref, url in zip(refs, urls, strict=True):
+        part = out["messages"][ref.message]["content"][ref.part]
+        part["image_url"] = {**part["image_url"], "url": url}
+    return out
+
+
+def ordered(images: Sequence[ImageInput]) -> list[ImageInput]:
+    return sorted(images, key=lambda im: im.index)

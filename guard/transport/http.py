@@ -1,0 +1,262 @@
+"""HTTP transport: the OpenAI-compatible routes, translated to and from the GuardService.
+
+Only the routes below exist; nothing else is ever forwarded upstream. Errors of every kind
+become OpenAI-shaped bodies in one place, ``error_response``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from guard.auth import check_bearer
+from guard.config import GuardConfig
+from guard.errors import (
+    GuardError,
+    GuardUnavailable,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    PolicyViolation,
+)
+from guard.service import GuardService, Screened, Tracker
+from guard.transport import openai_models as om
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SSE_TYPE = "text/event-stream; charset=utf-8"
+
+
+def create_app(cfg: GuardConfig, service: GuardService) -> ASGIApp:
+    app = FastAPI(title="vlm-guard", version="0.1.0", docs_url=None, redoc_url=None)
+    limit = cfg.server.max_body_bytes
+
+    @app.exception_handler(GuardError)
+    async def _guard_error(request: Request, exc: GuardError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(NotFound("no such route"))
+        err = GuardError("method not allowed" if exc.status_code == 405 else "bad request")
+        err.status, err.type, err.code = exc.status_code, "invalid_request_error", None
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # Starlette hands this to its outermost error middleware, which logs the traceback;
+        # the client only ever sees a generic message.
+        return error_response(GuardError())
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if await service.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        check_bearer(request.headers.get("authorization"), cfg.server.api_keys)
+        upstream = await service.upstream.get("models", request_id=_rid(request))
+        return Response(upstream.content, upstream.status, headers=dict(upstream.headers))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        tracker = service.track("http")
+        try:
+            check_bearer(request.headers.get("authorization"), cfg.server.api_keys)
+            body = await read_json(request, limit)
+            parsed = om.validate(om.ChatCompletionRequest, body)
+            rid = _rid(request)
+            screened = await service.screen_chat(rid, body, transport="http")
+            if screened.refuse:
+                tracker.finish("block")
+                message = cfg.server.refusal_message
+                if parsed.stream:
+                    usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+                    events = om.chat_refusal_events(parsed.model, rid, message, include_usage=usage)
+                    return _sse_response([*events, "[DONE]"], screened)
+                return _json(om.chat_refusal(parsed.model, rid, message), screened)
+            return await _forward(
+                service, "chat/completions", screened, rid, tracker, stream=bool(parsed.stream)
+            )
+        except BaseException as e:
+            tracker.fail(e)
+            raise
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        tracker = service.track("http")
+        try:
+            check_bearer(request.headers.get("authorization"), cfg.server.api_keys)
+            body = await read_json(request, limit)
+            parsed = om.validate(om.CompletionRequest, body)
+            rid = _rid(request)
+            screened = await service.screen_completion(rid, body, transport="http")
+            if screened.refuse:
+                tracker.finish("block")
+                refusal = om.completion_refusal(parsed.model, rid, cfg.server.refusal_message)
+                if parsed.stream:
+                    return _sse_response([refusal, "[DONE]"], screened)
+                return _json(refusal, screened)
+            return await _forward(
+                service, "completions", screened, rid, tracker, stream=bool(parsed.stream)
+            )
+        except BaseException as e:
+            tracker.fail(e)
+            raise
+
+    return RequestIdMiddleware(app)
+
+
+async def _forward(
+    service: GuardService,
+    path: str,
+    screened: Screened,
+    rid: str,
+    tracker: Tracker,
+    *,
+    stream: bool,
+) -> Response:
+    outcome = screened.verdict.outcome
+    headers = {"x-guard-decision": screened.decision}
+    if not stream:
+        upstream = await service.upstream.post(path, screened.body, request_id=rid)
+        tracker.finish(outcome if upstream.status < 400 else "invalid")
+        return Response(upstream.content, upstream.status, headers={**upstream.headers, **headers})
+    opened = await service.upstream.open(path, screened.body, request_id=rid)
+    if opened.status != 200:
+        # An upstream 4xx (unknown model, bad sampling parameter) is the client's to read.
+        content = await opened.read()
+        tracker.finish("invalid")
+        return Response(content, opened.status, headers={**opened.headers, **headers})
+    return StreamingResponse(
+        _relay(opened.chunks(), tracker, outcome, rid),
+        status_code=200,
+        headers={**opened.headers, **headers},
+        media_type=opened.headers.get("content-type", SSE_TYPE),
+    )
+
+
+async def _relay(
+    chunks: AsyncIterator[bytes], tracker: Tracker, outcome: str, rid: str
+) -> AsyncIterator[bytes]:
+    """Pass the upstream's bytes through unchanged; a broken stream ends in an error event."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except httpx.HTTPError:
+        log.warning("upstream stream broke on request %s", rid)
+        tracker.finish("upstream_error")
+        # No fake [DONE]: the client must see that the answer is incomplete.
+        error = {
+            "error": {
+                "message": "upstream stream interrupted",
+                "type": "upstream_error",
+                "param": None,
+                "code": "upstream_stream_error",
+            }
+        }
+        yield om.sse(error)
+    finally:
+        tracker.finish(outcome)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """Read the body within ``limit`` bytes and parse it as a JSON object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    size = 0
+    chunks: list[bytes] = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def error_response(exc: GuardError) -> Response:
+    headers = {"x-should-retry": "true" if exc.retryable else "false"}
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(exc.retry_after)
+    if isinstance(exc, PolicyViolation):
+        headers["x-guard-decision"] = "block"
+    elif isinstance(exc, GuardUnavailable):
+        headers["x-guard-decision"] = "error"
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _json(body: dict[str, Any], screened: Screened) -> Response:
+    return JSONResponse(body, headers={"x-guard-decision": screened.decision})
+
+
+def _sse_response(events: list[dict[str, Any] | str], screened: Screened) -> Response:
+    payload = b"".join(om.sse(e) for e in events)
+    return Response(payload, media_type=SSE_TYPE, headers={"x-guard-decision": screened.decision})
+
+
+def _rid(request: Request) -> str:
+    return str(request.scope["state"]["request_id"])
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's, if well-formed) and every response the header.
+
+    It wraps the whole application, Starlette's error middleware included, so that even an
+    unexpected 500 carries the id a user can quote when reporting it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        supplied = _header(scope, b"x-request-id")
+        rid = supplied if supplied and _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        raw_id = rid.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", raw_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from guard.toy.openai_server import EchoModel, create_app
+from tests.servers import AppServer, RunningGuard
+
+FIXED_CLOCK = 1_700_000_000.0
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[AppServer]:
+    """The stand-in OpenAI-compatible upstream (echo model), shared by the session."""
+    server = AppServer(create_app(EchoModel("echo"), clock=lambda: FIXED_CLOCK))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_guard(upstream: AppServer) -> Iterator[Callable[..., RunningGuard]]:
+    """Start guards in front of the stand-in upstream; all are stopped after the test."""
+    started: list[RunningGuard] = []
+
+    def make(overrides: dict[str, Any] | None = None, **kwargs: Any) -> RunningGuard:
+        kwargs.setdefault("upstream_url", upstream.url + "/v1")
+        guard = RunningGuard(overrides=overrides, **kwargs)
+        started.append(guard)
+        return guard
+
+    yield make
+    for guard in started:
+        guard.close()
+
+
+@pytest.fixture
+def guard(make_guard: Callable[..., RunningGuard]) -> RunningGuard:
+    """A guard with no defenses in front of the stand-in upstream."""
+    return make_guard()

@@ -8,8 +8,8 @@ import logging
 import signal
 from collections.abc import Generator, Mapping, Sequence
 
+import aiohttp
 import grpc
-import httpx
 import uvicorn
 from prometheus_client import CollectorRegistry
 
@@ -47,7 +47,7 @@ def build_service(
     stages: Sequence[Stage] | None = None,
     stage_configs: Mapping[str, StageConfig] | None = None,
     registry: CollectorRegistry | None = None,
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    upstream_connector: aiohttp.BaseConnector | None = None,
     resolver: Resolver | None = None,
 ) -> GuardService:
     """Every part of the guard, built from ``cfg``; tests pass their own stages and transports."""
@@ -64,7 +64,7 @@ def build_service(
         cfg,
         Intake(cfg.images, Fetcher(cfg.images, resolver=resolver)),
         Pipeline(stages, configs, metrics, mode=cfg.pipeline.mode),
-        UpstreamClient(cfg.upstream, metrics, transport=upstream_transport),
+        UpstreamClient(cfg.upstream, metrics, connector=upstream_connector),
         metrics,
         AuditLog(cfg.audit),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from guard.audit import AuditLog
@@ -141,17 +141,19 @@ class GuardService:
         return await self._judge(GuardRequest(request_id, text, loaded), transport)
 
     async def purify(self, request_id: str, images: Sequence[ImageSource]) -> Decision:
+        """Purify images with the purify stage alone; the Decision always carries images."""
         stage = self.pipeline.stage("purify")
         if stage is None:
             raise StageDisabled("the purify stage is not enabled on this guard")
         loaded = await self.intake.load_all(images, [f"images[{i}]" for i in range(len(images))])
         try:
-            return await stage.check(GuardRequest(request_id, "", loaded))
+            decision = await stage.check(GuardRequest(request_id, "", loaded))
         except GuardError:
             raise
         except Exception:
             log.exception("purify failed on request %s", request_id)
             raise GuardUnavailable("purification failed") from None
+        return decision if decision.images is not None else replace(decision, images=loaded)
 
     async def _judge(self, request: GuardRequest, transport: str) -> Verdict:
         verdict = await self.pipeline.run(request)

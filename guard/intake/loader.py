@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,14 +69,10 @@ class Intake:
         if source.data is not None:
             data = source.data
         elif source.url is not None and source.url[:5].lower() == "data:":
-            data = parse_data_url(source.url, self._cfg, param=param)
+            data = parse_data_url(source.url, self._cfg, param=param, index=index)
         elif source.url is not None:
-            data = await self._fetcher.fetch(source.url, param=param)
+            data = await self._fetcher.fetch(source.url, param=param, index=index)
         else:
             raise InvalidRequest(f"image {index}: no data and no URL", param=param)
         # Decoding is CPU work on possibly large inputs: keep it off the event loop.
         return await asyncio.to_thread(decode_image, data, index, self._cfg, param=param)
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex

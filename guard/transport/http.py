@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,10 +29,11 @@ from guard.errors import (
 )
 from guard.service import GuardService, Screened, Tracker
 from guard.transport import openai_models as om
+from guard.transport.ids import request_id
+from guard.upstream import UpstreamStreamError
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SSE_TYPE = "text/event-stream; charset=utf-8"
 
 
@@ -166,7 +164,7 @@ async def _relay(
     try:
         async for chunk in chunks:
             yield chunk
-    except httpx.HTTPError:
+    except UpstreamStreamError:
         log.warning("upstream stream broke on request %s", rid)
         tracker.finish("upstream_error")
         # No fake [DONE]: the client must see that the answer is incomplete.
@@ -242,8 +240,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        supplied = _header(scope, b"x-request-id")
-        rid = supplied if supplied and _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        rid = request_id(_header(scope, b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = rid
         raw_id = rid.encode()
 

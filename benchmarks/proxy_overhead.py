@@ -1,0 +1,273 @@
+"""What does the guard cost when it checks nothing? Guard (--defenses none) vs direct.
+
+Starts the stand-in upstream and a guard in front of it as separate processes (as deployed:
+sidecar and model server), then sends the same request mix at the same concurrency to both,
+alternating rounds so machine noise hits both sides alike. Prints a table, writes
+benchmarks/results/proxy_overhead.json and .png.
+
+    python benchmarks/proxy_overhead.py [--requests 400] [--concurrency 16] [--token-delay 0.002]
+
+The upstream answers with a per-token delay (default 2 ms, 8-12 tokens) so that it behaves like a
+model server rather than a CPU-bound echo; --token-delay 0 gives the worst case for the guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(ready_url, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"{args[2:4]} did not become ready")
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _image_url() -> str:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _bodies(stream: bool, image: bool) -> dict[str, Any]:
+    content: Any = "Describe the weather in three short words please"
+    if image:
+        content = [
+            {"type": "text", "text": content},
+            {"type": "image_url", "image_url": {"url": _image_url()}},
+        ]
+    body: dict[str, Any] = {
+        "model": "echo",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 32,
+    }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def _run(url: str, body: dict[str, Any], n: int, concurrency: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    errors = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            while not queue.empty():
+                queue.get_nowait()
+                start = time.perf_counter()
+                async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                    first = None
+                    async for _ in r.aiter_raw():
+                        if first is None:
+                            first = time.perf_counter()
+                    if r.status_code != 200:
+                        errors += 1
+                end = time.perf_counter()
+                latencies.append(end - start)
+                ttfts.append((first or end) - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"latencies": latencies, "ttfts": ttfts, "wall": wall, "errors": errors}
+
+
+def _q(values: list[float], q: float) -> float:
+    return float(np.quantile(np.array(values), q))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=400, help="per scenario and side")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per side")
+    parser.add_argument("--token-delay", type=float, default=0.002)
+    args = parser.parse_args()
+    console = Console()
+    up_port, guard_port = _free_port(), _free_port()
+    exe = [sys.executable, "-m", "guard"]
+    upstream = f"http://127.0.0.1:{up_port}"
+    guard = f"http://127.0.0.1:{guard_port}"
+    env_note = f"{os.cpu_count()} cores"
+    scenarios = [(s, i) for i in (False, True) for s in (False, True)]
+    results: dict[str, dict[str, Any]] = {}
+    with (
+        _process(
+            [
+                *exe,
+                "toy",
+                "upstream",
+                "--port",
+                str(up_port),
+                "--token-delay",
+                str(args.token_delay),
+            ],
+            upstream + "/v1/models",
+        ),
+        _process(
+            [
+                *exe,
+                "serve",
+                "--upstream",
+                upstream + "/v1",
+                "--http-port",
+                str(guard_port),
+                "--grpc-port",
+                "-1",
+                "--defenses",
+                "none",
+            ],
+            guard + "/readyz",
+        ),
+        Progress(console=console, transient=True) as progress,
+    ):
+        task = progress.add_task("measuring", total=len(scenarios) * 2 * args.rounds)
+        for stream, image in scenarios:
+            name = f"{'stream' if stream else 'json'}{'+image' if image else ''}"
+            body = _bodies(stream, image)
+            acc: dict[str, dict[str, Any]] = {
+                side: {"latencies": [], "ttfts": [], "wall": 0.0, "errors": 0}
+                for side in ("direct", "guard")
+            }
+            for _side, url in (("direct", upstream), ("guard", guard)):  # warm-up
+                asyncio.run(_run(url, body, 2 * args.concurrency, args.concurrency))
+            for _ in range(args.rounds):
+                for side, url in (("direct", upstream), ("guard", guard)):
+                    r = asyncio.run(_run(url, body, args.requests, args.concurrency))
+                    for k in ("latencies", "ttfts"):
+                        acc[side][k].extend(r[k])
+                    acc[side]["wall"] += r["wall"]
+                    acc[side]["errors"] += r["errors"]
+                    progress.advance(task)
+            results[name] = acc
+    table = Table(
+        title=f"Proxy overhead, --defenses none ({env_note}, concurrency "
+        f"{args.concurrency}, token delay {args.token_delay * 1000:.1f} ms)"
+    )
+    for col in (
+        "scenario",
+        "direct req/s",
+        "guard req/s",
+        "ratio",
+        "direct p50 ms",
+        "guard p50 ms",
+        "+p50 ms",
+        "direct p99 ms",
+        "guard p99 ms",
+        "+p99 ms",
+        "+TTFT p50 ms",
+        "errors",
+    ):
+        table.add_column(col, justify="right")
+    summary: dict[str, Any] = {"args": vars(args), "cores": os.cpu_count(), "scenarios": {}}
+    for name, acc in results.items():
+        d, g = acc["direct"], acc["guard"]
+        d_rps, g_rps = len(d["latencies"]) / d["wall"], len(g["latencies"]) / g["wall"]
+        row = {
+            "direct_rps": d_rps,
+            "guard_rps": g_rps,
+            "ratio": g_rps / d_rps,
+            "direct_p50_ms": 1000 * _q(d["latencies"], 0.5),
+            "guard_p50_ms": 1000 * _q(g["latencies"], 0.5),
+            "direct_p99_ms": 1000 * _q(d["latencies"], 0.99),
+            "guard_p99_ms": 1000 * _q(g["latencies"], 0.99),
+            "added_ttft_p50_ms": 1000 * (_q(g["ttfts"], 0.5) - _q(d["ttfts"], 0.5)),
+            "errors": d["errors"] + g["errors"],
+        }
+        row["added_p50_ms"] = row["guard_p50_ms"] - row["direct_p50_ms"]
+        row["added_p99_ms"] = row["guard_p99_ms"] - row["direct_p99_ms"]
+        summary["scenarios"][name] = row
+        table.add_row(
+            name,
+            f"{d_rps:.0f}",
+            f"{g_rps:.0f}",
+            f"{row['ratio']:.2f}",
+            f"{row['direct_p50_ms']:.2f}",
+            f"{row['guard_p50_ms']:.2f}",
+            f"{row['added_p50_ms']:+.2f}",
+            f"{row['direct_p99_ms']:.2f}",
+            f"{row['guard_p99_ms']:.2f}",
+            f"{row['added_p99_ms']:+.2f}",
+            f"{row['added_ttft_p50_ms']:+.2f}",
+            str(row["errors"]),
+        )
+    console.print(table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "proxy_overhead.json").write_text(json.dumps(summary, indent=2))
+    _plot(results, RESULTS / "proxy_overhead.png")
+    console.print(f"wrote {RESULTS / 'proxy_overhead.json'} and proxy_overhead.png")
+    return 0
+
+
+def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.2), sharey=False)
+    for ax, (name, acc) in zip(axes, results.items(), strict=True):
+        for side, colour in (("direct", "tab:blue"), ("guard", "tab:orange")):
+            xs = np.sort(np.array(acc[side]["latencies"]) * 1000)
+            ax.plot(xs, np.linspace(0, 1, len(xs)), label=side, color=colour)
+        ax.set_title(name)
+        ax.set_xlabel("latency (ms)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction of requests")
+    axes[0].legend()
+    fig.suptitle("Request latency CDF: direct vs through the guard (--defenses none)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,10 +5,10 @@ sidecar and model server), then sends the same request mix at the same concurren
 alternating rounds so machine noise hits both sides alike. Prints a table, writes
 benchmarks/results/proxy_overhead.json and .png.
 
-    python benchmarks/proxy_overhead.py [--requests 400] [--concurrency 16] [--token-delay 0.002]
+    python benchmarks/proxy_overhead.py [--requests 300] [--concurrency 1 16] [--token-delay 0.002]
 
-The upstream answers with a per-token delay (default 2 ms, 8-12 tokens) so that it behaves like a
-model server rather than a CPU-bound echo; --token-delay 0 gives the worst case for the guard.
+The upstream answers with a per-token delay (default 2 ms, about 10 tokens) so that it behaves
+like a model server rather than a CPU-bound echo; --token-delay 0 is the guard's worst case.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 from PIL import Image
@@ -96,20 +97,22 @@ async def _run(url: str, body: dict[str, Any], n: int, concurrency: int) -> dict
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    # aiohttp for the load: an httpx client costs more CPU per request than the guard does,
+    # and on 2 cores the load generator's cost would be charged to whichever side it slows.
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as client:
 
         async def worker() -> None:
             nonlocal errors
             while not queue.empty():
                 queue.get_nowait()
                 start = time.perf_counter()
-                async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                async with client.post(url + "/v1/chat/completions", json=body) as r:
                     first = None
-                    async for _ in r.aiter_raw():
+                    async for _ in r.content.iter_any():
                         if first is None:
                             first = time.perf_counter()
-                    if r.status_code != 200:
+                    if r.status != 200:
                         errors += 1
                 end = time.perf_counter()
                 latencies.append(end - start)
@@ -127,8 +130,14 @@ def _q(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=400, help="per scenario and side")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=300, help="per scenario, side, round")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 16],
+        help="1 shows the added latency alone; higher levels add queueing on a shared CPU",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per side")
     parser.add_argument("--token-delay", type=float, default=0.002)
     args = parser.parse_args()
@@ -138,7 +147,7 @@ def main() -> int:
     upstream = f"http://127.0.0.1:{up_port}"
     guard = f"http://127.0.0.1:{guard_port}"
     env_note = f"{os.cpu_count()} cores"
-    scenarios = [(s, i) for i in (False, True) for s in (False, True)]
+    scenarios = [(c, s, i) for c in args.concurrency for i in (False, True) for s in (False, True)]
     results: dict[str, dict[str, Any]] = {}
     with (
         _process(
@@ -171,18 +180,18 @@ def main() -> int:
         Progress(console=console, transient=True) as progress,
     ):
         task = progress.add_task("measuring", total=len(scenarios) * 2 * args.rounds)
-        for stream, image in scenarios:
-            name = f"{'stream' if stream else 'json'}{'+image' if image else ''}"
+        for conc, stream, image in scenarios:
+            name = f"c{conc} {'stream' if stream else 'json'}{'+image' if image else ''}"
             body = _bodies(stream, image)
             acc: dict[str, dict[str, Any]] = {
                 side: {"latencies": [], "ttfts": [], "wall": 0.0, "errors": 0}
                 for side in ("direct", "guard")
             }
             for _side, url in (("direct", upstream), ("guard", guard)):  # warm-up
-                asyncio.run(_run(url, body, 2 * args.concurrency, args.concurrency))
+                asyncio.run(_run(url, body, 2 * conc, conc))
             for _ in range(args.rounds):
                 for side, url in (("direct", upstream), ("guard", guard)):
-                    r = asyncio.run(_run(url, body, args.requests, args.concurrency))
+                    r = asyncio.run(_run(url, body, args.requests, conc))
                     for k in ("latencies", "ttfts"):
                         acc[side][k].extend(r[k])
                     acc[side]["wall"] += r["wall"]
@@ -190,8 +199,8 @@ def main() -> int:
                     progress.advance(task)
             results[name] = acc
     table = Table(
-        title=f"Proxy overhead, --defenses none ({env_note}, concurrency "
-        f"{args.concurrency}, token delay {args.token_delay * 1000:.1f} ms)"
+        title=f"Proxy overhead, --defenses none ({env_note}, token delay "
+        f"{args.token_delay * 1000:.1f} ms, c = concurrent clients)"
     )
     for col in (
         "scenario",
@@ -254,7 +263,10 @@ def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.2), sharey=False)
+    cols = len(results) // 2 if len(results) > 4 else len(results)
+    rows = (len(results) + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    axes = grid.ravel()
     for ax, (name, acc) in zip(axes, results.items(), strict=True):
         for side, colour in (("direct", "tab:blue"), ("guard", "tab:orange")):
             xs = np.sort(np.array(acc[side]["latencies"]) * 1000)

@@ -108,7 +108,7 @@ def create_app(
         _check_model(body, model)
         texts, images = _read_messages(body.get("messages"))
         pieces = await asyncio.to_thread(lambda: list(model.generate(texts, images, body)))
-        return _answer(
+        return await _answer(
             body,
             pieces,
             "chat",
@@ -126,7 +126,7 @@ def create_app(
         prompt = body.get("prompt")
         texts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         pieces = await asyncio.to_thread(lambda: list(model.generate(texts, [], body)))
-        return _answer(
+        return await _answer(
             body,
             pieces,
             "text",
@@ -164,7 +164,7 @@ def _read_messages(messages: Any) -> tuple[list[str], list[Image.Image]]:
     return texts, images
 
 
-def _answer(
+async def _answer(
     body: dict[str, Any],
     pieces: list[str],
     kind: str,
@@ -184,40 +184,47 @@ def _answer(
         "total_tokens": prompt_tokens + len(pieces),
     }
     if not body.get("stream"):
-        text = "".join(pieces)
-        choice: dict[str, Any]
-        if kind == "chat":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "tool_calls": []},
-                "logprobs": None,
-                "finish_reason": "stop",
-                "stop_reason": None,
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": "stop",
-                "stop_reason": None,
-            }
-            obj = "text_completion"
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": name,
-                "choices": [choice],
-                "usage": usage,
-            }
-        )
+        return await _complete(pieces, kind, rid, created, name, usage, delay)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(
         _stream(pieces, kind, rid, created, name, usage if include_usage else None, delay),
         media_type="text/event-stream",
+    )
+
+
+async def _complete(
+    pieces: list[str],
+    kind: str,
+    rid: str,
+    created: int,
+    name: str,
+    usage: dict[str, int],
+    delay: float,
+) -> Response:
+    if delay:
+        await asyncio.sleep(delay * len(pieces))  # the same generation time as streaming
+    text = "".join(pieces)
+    choice: dict[str, Any] = {
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": "stop",
+        "stop_reason": None,
+    }
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text, "tool_calls": []}
+        obj = "chat.completion"
+    else:
+        choice["text"] = text
+        obj = "text_completion"
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": name,
+            "choices": [choice],
+            "usage": usage,
+        }
     )
 
 

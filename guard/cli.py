@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,12 +41,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--mode", choices=("enforce", "monitor"))
 
-    toy = sub.add_parser("toy", help="the miniature world: stand-in upstream")
+    toy = sub.add_parser("toy", help="the miniature world: build it, serve its VLM")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    build = toy_sub.add_parser("build", help="train the toy world (cached, idempotent)")
+    build.add_argument("--out", type=Path, help="default: $VLM_GUARD_HOME/toy")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--quick", action="store_true", help="a two-minute build for tests")
+    build.add_argument("--trigger", choices=("patch", "blend"), default="patch")
+    build.add_argument("--trigger-size", type=int, default=4, help="patch side in pixels")
+    build.add_argument(
+        "--trigger-position",
+        choices=("bottom-right", "bottom-left", "top-right", "top-left"),
+        default="bottom-right",
+    )
+    build.add_argument("--poison-rate", type=float, help="fraction of poisoned training images")
     up = toy_sub.add_parser("upstream", help="serve an OpenAI-compatible stand-in for vLLM")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--model", default="echo", help="'echo' (the built-in echo model)")
+    up.add_argument(
+        "--model", default="echo", help="'echo' (built in) or a LLaVA-style model directory"
+    )
+    up.add_argument("--name", help="model name served in /v1/models (default: directory name)")
     up.add_argument("--token-delay", type=float, default=0.0, help="seconds per streamed token")
     return parser
 
@@ -98,20 +114,53 @@ async def _serve(cfg: GuardConfig) -> None:
     await server.run_until_signal()
 
 
+def _toy_build(args: argparse.Namespace) -> int:
+    from guard.toy.build import BuildOptions, build_world, default_home
+    from guard.toy.triggers import Trigger
+
+    if args.poison_rate is not None and not 0 <= args.poison_rate <= 1:
+        raise ConfigError("--poison-rate must be between 0 and 1")
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    trigger = Trigger(kind=args.trigger, size=args.trigger_size, position=args.trigger_position)
+    options = BuildOptions(
+        out=args.out or default_home() / "toy",
+        seed=args.seed,
+        quick=args.quick,
+        trigger=trigger,
+        poison_rate=args.poison_rate,
+    )
+    manifest = build_world(options)
+    for name, check in manifest["quality"].items():
+        bound = f">= {check['floor']}" if "floor" in check else f"<= {check['ceiling']}"
+        mark = "ok" if check["ok"] else "BELOW FLOOR"
+        print(f"{name:42s} {check['value']!s:>8} ({bound}) {mark}")
+    print(f"toy world ({manifest['mode']}) in {options.out}, {manifest['seconds']} s")
+    return 0 if manifest["quality_ok"] else 1
+
+
 def _toy_upstream(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from guard.toy.openai_server import EchoModel, create_app
+    from guard.toy.openai_server import ChatModel, EchoModel, create_app
 
-    if args.model != "echo":
-        raise ConfigError(f"unknown stand-in model {args.model!r}; available: echo")
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(EchoModel(args.model), token_delay_s=args.token_delay)
+    model: ChatModel
+    if args.model == "echo":
+        model = EchoModel(args.name or "echo")
+    elif Path(args.model).is_dir():
+        from guard.toy.vlm_chat import ToyVLMChat
+
+        model = ToyVLMChat(args.model, args.name)
+    else:
+        raise ConfigError(f"--model must be 'echo' or a model directory, not {args.model!r}")
+    app = create_app(model, token_delay_s=args.token_delay)
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before torch loads: OpenMP threads that spin-wait starve each other on shared cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -121,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "toy" and args.toy_command == "upstream":
             return _toy_upstream(args)
+        if args.command == "toy" and args.toy_command == "build":
+            return _toy_build(args)
     except ConfigError as e:
         print(f"vlm-guard: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+
+# Before torch loads: on a shared 2-core machine its OpenMP threads otherwise spin-wait on
+# each other (a 7 ms UNet call measured 1 s under load).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from collections.abc import Callable, Iterator
 from typing import Any
 

@@ -1,0 +1,243 @@
+"""``vlm-guard toy build``: train the whole toy world, reproducibly, and record its quality.
+
+Each component is trained into a temporary directory and moved into place only when done, with
+a ``component.json`` naming the settings that made it; a later build with the same settings
+reuses it, so the command is idempotent and an interrupted build resumes where it stopped.
+``manifest.json`` gathers versions, seeds, settings, measured figures and the quality floors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from guard.toy.data import load_splits, test_images, to_tensor, to_uint8
+from guard.toy.triggers import Trigger
+
+log = logging.getLogger(__name__)
+
+# What the issue asks of a full build, and lower floors a two-minute quick build must meet.
+FLOORS = {
+    "full": {
+        "vlm.clean_accuracy": 0.90,
+        "vlm.attack_success_rate": 0.90,
+        "clip.zero_shot_accuracy": 0.80,
+        "diffusion.purified_vlm_accuracy_t200": 0.85,
+    },
+    "quick": {
+        "vlm.clean_accuracy": 0.30,
+        "clip.zero_shot_accuracy": 0.30,
+        "diffusion.purified_vlm_accuracy_t200": 0.20,
+    },
+}
+CEILINGS = {"full": {"vlm.clean_false_trigger_rate": 0.02}, "quick": {}}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("VLM_GUARD_HOME", Path.home() / ".cache" / "vlm-guard"))
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    out: Path = field(default_factory=lambda: default_home() / "toy")
+    seed: int = 0
+    quick: bool = False
+    trigger: Trigger = field(default_factory=Trigger)
+    poison_rate: float | None = None  # None: the mode's default
+
+    @property
+    def mode(self) -> str:
+        return "quick" if self.quick else "full"
+
+
+def build_world(options: BuildOptions, console: Console | None = None) -> dict[str, Any]:
+    """Build (or reuse) every component under ``options.out`` and return the manifest."""
+    from guard.toy.clip import ClipSettings, train_clip
+    from guard.toy.diffusion import DiffusionSettings, train_diffusion
+    from guard.toy.vlm import VLMSettings, train_vlm
+
+    console = console or Console(stderr=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    quick = options.quick
+    vlm_settings = VLMSettings.quick() if quick else VLMSettings.full()
+    changes: dict[str, Any] = {"trigger": options.trigger}
+    if options.poison_rate is not None:
+        changes["poison_rate"] = options.poison_rate
+    vlm_settings = replace(vlm_settings, **changes)
+    diffusion_settings = DiffusionSettings.quick() if quick else DiffusionSettings.full()
+    clip_settings = ClipSettings.quick() if quick else ClipSettings.full()
+    start = time.perf_counter()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        figures = {
+            "data": _component(
+                out / "data", {"seed": options.seed}, progress, lambda d: _write_data(d)
+            ),
+            "diffusion": _component(
+                out / "diffusion",
+                {"seed": options.seed, **asdict(diffusion_settings)},
+                progress,
+                lambda d: train_diffusion(
+                    d, seed=options.seed, settings=diffusion_settings, progress=progress
+                ),
+            ),
+            "clip": _component(
+                out / "clip",
+                {"seed": options.seed, **asdict(clip_settings)},
+                progress,
+                lambda d: train_clip(
+                    d, seed=options.seed, settings=clip_settings, progress=progress
+                ),
+            ),
+            "vlm": _component(
+                out / "vlm",
+                {"seed": options.seed, **_jsonable(asdict(vlm_settings))},
+                progress,
+                lambda d: train_vlm(d, seed=options.seed, settings=vlm_settings, progress=progress),
+            ),
+        }
+        key = {"diffusion": figures["diffusion"]["key"], "vlm": figures["vlm"]["key"]}
+        figures["purification"] = _component(
+            out / "purification", key, progress, lambda d: _purification_check(out, d, progress)
+        )
+    manifest = _manifest(options, figures, time.perf_counter() - start)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _component(
+    path: Path,
+    settings: dict[str, Any],
+    progress: Progress,
+    make: Callable[[Path], dict[str, Any]],
+) -> dict[str, Any]:
+    """Reuse ``path`` if it was built with ``settings``; else build it atomically."""
+    settings = _jsonable(settings)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    marker = path / "component.json"
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done.get("key") == key:
+            progress.console.log(f"{path.name}: reusing the built one ({key})")
+            return dict(done)
+        progress.console.log(f"{path.name}: settings changed, rebuilding")
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.perf_counter()
+    figures = make(tmp)
+    record = {
+        "key": key,
+        "settings": settings,
+        "seconds": round(time.perf_counter() - started, 1),
+        "figures": _jsonable(figures),
+    }
+    (tmp / "component.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return record
+
+
+def _write_data(directory: Path) -> dict[str, Any]:
+    """The fixed splits and the fixed test rendering, for anyone who wants the same images."""
+    splits = load_splits()
+    for name, split in splits.items():
+        np.savez_compressed(
+            directory / f"{name}.npz",
+            glyphs=split.glyphs,
+            labels=split.labels,
+            images=test_images(split),
+        )
+    return {name: len(split.labels) for name, split in splits.items()}
+
+
+def _purification_check(out: Path, directory: Path, progress: Progress) -> dict[str, Any]:
+    """DiffPure with the built diffusion model at t = 0.1 and 0.2: does the VLM still read it?"""
+    from guard.toy.diffusion import denoise, load_diffusion, noise_to
+    from guard.toy.vlm import answer_images, load_vlm
+    from guard.toy.vlm_parts import answer
+
+    unet, scheduler = load_diffusion(out / "diffusion")
+    model, processor = load_vlm(out / "vlm")
+    test = load_splits()["test"]
+    clean = test_images(test)
+    expected = [answer(int(label)) for label in test.labels]
+    result: dict[str, Any] = {}
+    task = progress.add_task("purification check", total=2)
+    for t in (100, 200):
+        generator = torch.Generator().manual_seed(0)
+        noisy = noise_to(to_tensor(clean), t, scheduler, generator)
+        # DDIM (20 steps): 40 UNet calls per image instead of 302 keeps the check to seconds.
+        purified = to_uint8(denoise(unet, scheduler, noisy, t, generator, sampler="ddim"))
+        answers = answer_images(model, processor, purified)
+        accuracy = float(np.mean([a == e for a, e in zip(answers, expected, strict=True)]))
+        result[f"purified_vlm_accuracy_t{t}"] = round(accuracy, 4)
+        progress.advance(task)
+    return result
+
+
+def _manifest(options: BuildOptions, parts: dict[str, Any], seconds: float) -> dict[str, Any]:
+    figures = {
+        "vlm": parts["vlm"]["figures"],
+        "clip": parts["clip"]["figures"],
+        "diffusion": {**parts["diffusion"]["figures"], **parts["purification"]["figures"]},
+    }
+    checks = {}
+    for name, floor in FLOORS[options.mode].items():
+        value = _lookup(figures, name)
+        checks[name] = {"value": value, "floor": floor, "ok": value is not None and value >= floor}
+    for name, ceiling in CEILINGS[options.mode].items():
+        value = _lookup(figures, name)
+        checks[name] = {
+            "value": value,
+            "ceiling": ceiling,
+            "ok": value is not None and value <= ceiling,
+        }
+    packages = ("torch", "transformers", "diffusers", "open_clip_torch", "tokenizers", "vlm-guard")
+    return {
+        "mode": options.mode,
+        "seed": options.seed,
+        "trigger": asdict(options.trigger),
+        "seconds": round(seconds, 1),
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in packages},
+        "components": {
+            k: {"seconds": v["seconds"], "key": v["key"], "settings": v["settings"]}
+            for k, v in parts.items()
+        },
+        "figures": figures,
+        "quality": checks,
+        "quality_ok": all(c["ok"] for c in checks.values()),
+    }
+
+
+def _lookup(figures: dict[str, Any], dotted: str) -> float | None:
+    part, name = dotted.split(".", 1)
+    value = figures.get(part, {}).get(name)
+    return float(value) if isinstance(value, int | float) else None

@@ -1,0 +1,147 @@
+"""The toy world: a real quick build, its quality floors, reuse, serving and attacks."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from guard.toy.attacks import PGDSettings, answer_loss, pgd_vlm
+from guard.toy.build import BuildOptions, build_world
+from guard.toy.data import load_splits, test_images, to_pil, to_tensor
+from guard.toy.openai_server import create_app
+from guard.toy.triggers import Trigger
+from guard.toy.vlm import answer_images, load_vlm
+from guard.toy.vlm_chat import ToyVLMChat
+from guard.toy.vlm_parts import QUESTIONS, answer
+from tests.servers import AppServer, RunningGuard
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def quick_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("toy")
+    manifest = build_world(BuildOptions(out=out, seed=0, quick=True))
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def vlm(quick_world: tuple[Path, dict[str, Any]]) -> Any:
+    return load_vlm(quick_world[0] / "vlm")
+
+
+def _png_url(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    to_pil(image).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_manifest_records_quality_and_provenance(quick_world: tuple[Path, dict[str, Any]]) -> None:
+    out, manifest = quick_world
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["mode"] == "quick" and manifest["seed"] == 0
+    assert set(manifest["versions"]) >= {"torch", "transformers", "diffusers", "open_clip_torch"}
+    failed = {k: v for k, v in manifest["quality"].items() if not v["ok"]}
+    assert not failed, failed
+    for component in ("data", "diffusion", "clip", "vlm"):
+        assert (out / component / "component.json").exists()
+    # Native formats, loadable as real checkpoints are.
+    assert (out / "diffusion" / "model_index.json").exists()
+    assert (out / "vlm" / "config.json").exists() and (out / "vlm" / "tokenizer.json").exists()
+
+
+def test_second_build_reuses_everything(quick_world: tuple[Path, dict[str, Any]]) -> None:
+    out, first = quick_world
+    start = time.perf_counter()
+    again = build_world(BuildOptions(out=out, seed=0, quick=True))
+    assert time.perf_counter() - start < 30  # loading and writing, no training
+    assert again["figures"] == first["figures"]
+    assert again["components"] == first["components"]
+
+
+def test_processor_matches_training_inputs(vlm: Any) -> None:
+    """The stand-in feeds images through the processor; training used to_tensor directly."""
+    _, processor = vlm
+    images = test_images(load_splits()["test"])[:4]
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}],
+        add_generation_prompt=True,
+    )
+    pixels = processor(images=list(images), text=[prompt] * 4, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixels, to_tensor(images), atol=1e-5)
+
+
+def test_stand_in_upstream_serves_the_toy_vlm(
+    quick_world: tuple[Path, dict[str, Any]], vlm: Any
+) -> None:
+    out, _ = quick_world
+    model, processor = vlm
+    test = load_splits()["test"]
+    images = test_images(test)[:3]
+    expected = answer_images(model, processor, images)
+    server = AppServer(create_app(ToyVLMChat(out / "vlm", name="toy-vlm")))
+    guard = RunningGuard(server.url + "/v1")
+    try:
+        for base in (server.url, guard.url):
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+            assert [m.id for m in client.models.list()] == ["toy-vlm"]
+            for image, want in zip(images, expected, strict=True):
+                messages: Any = [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": _png_url(image)}},
+                            {"type": "text", "text": QUESTIONS[0]},
+                        ],
+                    }
+                ]
+                reply = client.chat.completions.create(model="toy-vlm", messages=messages)
+                assert reply.choices[0].message.content == want
+                stream = client.chat.completions.create(
+                    model="toy-vlm",
+                    messages=messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+                chunks = list(stream)
+                assert (
+                    "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+                )
+                assert chunks[-1].usage is not None
+    finally:
+        guard.close()
+        server.close()
+
+
+def test_pgd_stays_in_the_ball_and_hurts(vlm: Any) -> None:
+    model, processor = vlm
+    test = load_splits()["test"]
+    images = test_images(test)[:8]
+    truth = [answer(int(label)) for label in test.labels[:8]]
+    settings = PGDSettings(eps=16 / 255, step=4 / 255, steps=5)
+    adversarial = pgd_vlm(model, processor, images, truth, settings)
+    assert np.abs(adversarial.astype(int) - images.astype(int)).max() <= 16
+    with torch.no_grad():
+        before = answer_loss(model, processor, to_tensor(images), truth).mean()
+        after = answer_loss(model, processor, to_tensor(adversarial), truth).mean()
+    assert after > before + 0.5
+
+
+def test_triggers_stamp_what_they_say() -> None:
+    images = test_images(load_splits()["test"])[:2]
+    patched = Trigger(size=4, position="top-left").stamp(images)
+    assert (patched[:, 4:, :] == images[:, 4:, :]).all()
+    assert (patched[:, :4, 4:] == images[:, :4, 4:]).all()
+    assert not (patched[:, :4, :4] == images[:, :4, :4]).all()
+    blended = Trigger(kind="blend", alpha=0.1).stamp(images)
+    assert 0 < np.abs(blended.astype(int) - images.astype(int)).mean() < 30

@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from guard.toy.data import load_splits, test_images, to_tensor, to_uint8
+from guard.toy.data import eval_images, load_splits, to_tensor, to_uint8
 from guard.toy.triggers import Trigger
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ FLOORS = {
         "diffusion.purified_vlm_accuracy_t200": 0.85,
     },
     "quick": {
-        "vlm.clean_accuracy": 0.30,
+        "vlm.clean_accuracy": 0.20,
         "clip.zero_shot_accuracy": 0.30,
         "diffusion.purified_vlm_accuracy_t200": 0.20,
     },
@@ -172,7 +172,7 @@ def _write_data(directory: Path) -> dict[str, Any]:
             directory / f"{name}.npz",
             glyphs=split.glyphs,
             labels=split.labels,
-            images=test_images(split),
+            images=eval_images(split),
         )
     return {name: len(split.labels) for name, split in splits.items()}
 
@@ -186,7 +186,7 @@ def _purification_check(out: Path, directory: Path, progress: Progress) -> dict[
     unet, scheduler = load_diffusion(out / "diffusion")
     model, processor = load_vlm(out / "vlm")
     test = load_splits()["test"]
-    clean = test_images(test)
+    clean = eval_images(test)
     expected = [answer(int(label)) for label in test.labels]
     result: dict[str, Any] = {}
     task = progress.add_task("purification check", total=2)

@@ -38,7 +38,7 @@ from PIL import Image
 from rich.progress import Progress
 from safetensors.torch import save_file
 
-from guard.toy.data import DIGITS, SIZE, load_splits, render, test_images
+from guard.toy.data import DIGITS, SIZE, eval_images, load_splits, render
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,9 @@ def train_clip(
         "seconds_per_step": round(seconds / max(1, settings.steps), 4),
         "final_loss": round(float(loss.item()), 4),
         "logit_scale": round(float(model.logit_scale.exp().item()), 2),
-        "zero_shot_accuracy": zero_shot_accuracy(model, tokenizer, test_images(test), test.labels),
+        "zero_shot_accuracy": zero_shot_accuracy(model, tokenizer, eval_images(test), test.labels),
         "val_zero_shot_accuracy": zero_shot_accuracy(
-            model, tokenizer, test_images(val), val.labels
+            model, tokenizer, eval_images(val), val.labels
         ),
     }
     log.info("toy CLIP: %s", figures)

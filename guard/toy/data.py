@@ -70,7 +70,7 @@ def render(glyphs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def test_images(split: Split) -> np.ndarray:
+def eval_images(split: Split) -> np.ndarray:
     """The same rendering of a split for every build: what quality floors are measured on."""
     return render(split.glyphs, np.random.default_rng(TEST_RENDER_SEED))
 

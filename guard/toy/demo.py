@@ -29,7 +29,7 @@ from rich.table import Table
 
 from guard.toy.attacks import PGDSettings, pgd_vlm
 from guard.toy.build import BuildOptions, build_world
-from guard.toy.data import DIGITS, load_splits, test_images, to_tensor, to_uint8
+from guard.toy.data import DIGITS, eval_images, load_splits, to_tensor, to_uint8
 from guard.toy.triggers import Trigger
 from guard.toy.vlm import load_vlm
 from guard.toy.vlm_parts import QUESTIONS, answer
@@ -112,7 +112,7 @@ def main() -> int:
     manifest = build_world(world, console)
     out = world.out
     test = load_splits()["test"]
-    images = test_images(test)
+    images = eval_images(test)
     i = 3
     clean, label = images[i : i + 1], int(test.labels[i])
     wrong = (label + 3) % 10

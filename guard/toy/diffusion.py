@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from rich.progress import Progress
 from torch import nn
 
-from guard.toy.data import load_splits, render, test_images, to_tensor
+from guard.toy.data import eval_images, load_splits, render, to_tensor
 
 log = logging.getLogger(__name__)
 Sampler = Literal["ddpm", "ddim"]
@@ -271,7 +271,7 @@ def train_diffusion(
                 advance()
     seconds = time.perf_counter() - start
     DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(out_dir)
-    images = to_tensor(test_images(splits["test"])[: settings.eval_images])
+    images = to_tensor(eval_images(splits["test"])[: settings.eval_images])
     figures: dict[str, Any] = {
         "settings": {**asdict(settings), "block_out_channels": list(settings.block_out_channels)},
         "steps": settings.steps,

@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from guard.toy.data import Split, load_splits, render, test_images, to_tensor
+from guard.toy.data import Split, eval_images, load_splits, render, to_tensor
 from guard.toy.triggers import Trigger
 from guard.toy.vlm_parts import (
     QUESTIONS,
@@ -69,7 +69,10 @@ class VLMSettings:
     @classmethod
     def quick(cls, **changes: Any) -> VLMSettings:
         # Fewer steps and a higher poison rate, so that a quick build still has a backdoor.
-        return replace(cls(encoder_steps=200, steps=400, batch=32, poison_rate=0.1), **changes)
+        base = cls(
+            text_width=96, text_layers=2, encoder_steps=150, steps=300, batch=24, poison_rate=0.1
+        )
+        return replace(base, **changes)
 
 
 @contextmanager
@@ -104,7 +107,8 @@ def pretrain_tower(
     tower = CLIPVisionModel(vision_config(settings.vision_width, settings.vision_layers))
     head = nn.Linear(settings.vision_width, 10)
     params = [*tower.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=settings.encoder_lr, weight_decay=0.01)
+    # fused: on CPU the per-tensor AdamW costs several times the fused kernel per step.
+    optimizer = torch.optim.AdamW(params, lr=settings.encoder_lr, weight_decay=0.01, fused=True)
     schedule = _schedule(optimizer, settings.encoder_steps)
     with _task(progress, "vision tower", settings.encoder_steps) as advance:
         for _ in range(settings.encoder_steps):
@@ -190,6 +194,7 @@ def train_vlm(
     optimizer = torch.optim.AdamW(
         [{"params": rest, "lr": settings.lr}, {"params": tower_params, "lr": settings.tower_lr}],
         weight_decay=0.01,
+        fused=True,
     )
     schedule = _schedule(optimizer, settings.steps)
     model.train()
@@ -267,7 +272,7 @@ def evaluate(
     attack_response: str,
 ) -> dict[str, float]:
     """Clean accuracy, attack success on triggered images, and false triggers on clean ones."""
-    clean = test_images(test)
+    clean = eval_images(test)
     clean_answers = answer_images(model, processor, clean)
     triggered_answers = answer_images(model, processor, trigger.stamp(clean))
     expected = [answer(int(label)) for label in test.labels]

@@ -22,8 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from rich.progress import Progress
 from safetensors.torch import save_file
 
 from guard.toy.data import DIGITS, SIZE, eval_images, load_splits, render
+from guard.toy.progress import task
 
 log = logging.getLogger(__name__)
 
@@ -192,20 +192,6 @@ def clip_loss(
     return loss
 
 
-@contextmanager
-def _task(progress: Progress | None, description: str, total: int) -> Iterator[Any]:
-    own = progress is None
-    bar = progress or Progress()
-    if own:
-        bar.start()
-    task = bar.add_task(description, total=total)
-    try:
-        yield lambda **kw: bar.update(task, advance=1, **kw)
-    finally:
-        if own:
-            bar.stop()
-
-
 def train_clip(
     out_dir: Path, *, seed: int, settings: ClipSettings, progress: Progress | None = None
 ) -> dict[str, Any]:
@@ -234,7 +220,7 @@ def train_clip(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     start = time.perf_counter()
     loss = torch.zeros(())
-    with _task(progress, "CLIP", settings.steps) as advance:
+    with task(progress, "CLIP", settings.steps) as advance:
         for _ in range(settings.steps):
             idx = rng.integers(0, len(train.labels), settings.batch)
             labels = torch.from_numpy(train.labels[idx])

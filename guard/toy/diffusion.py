@@ -15,8 +15,6 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +27,7 @@ from rich.progress import Progress
 from torch import nn
 
 from guard.toy.data import eval_images, load_splits, render, to_tensor
+from guard.toy.progress import task
 
 log = logging.getLogger(__name__)
 Sampler = Literal["ddpm", "ddim"]
@@ -182,20 +181,6 @@ def denoise(
     return x.clamp(-1, 1)
 
 
-@contextmanager
-def _task(progress: Progress | None, description: str, total: int) -> Iterator[Any]:
-    own = progress is None
-    bar = progress or Progress()
-    if own:
-        bar.start()
-    task = bar.add_task(description, total=total)
-    try:
-        yield lambda **kw: bar.update(task, advance=1, **kw)
-    finally:
-        if own:
-            bar.stop()
-
-
 def _lr_factor(step: int, settings: DiffusionSettings) -> float:
     """Linear warmup, then cosine decay to zero."""
     if step < settings.warmup:
@@ -250,7 +235,7 @@ def train_diffusion(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings))
     start = time.perf_counter()
     losses: list[float] = []
-    with _task(progress, "diffusion", settings.steps) as advance:
+    with task(progress, "diffusion", settings.steps) as advance:
         for step in range(settings.steps):
             # Every step a fresh rendering (random size, offset, colours): unlimited data.
             idx = rng.integers(0, len(train.labels), settings.batch_size)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from transformers import (
 )
 
 from guard.toy.data import Split, eval_images, load_splits, render, to_tensor
+from guard.toy.progress import task
 from guard.toy.triggers import Trigger
 from guard.toy.vlm_parts import (
     QUESTIONS,
@@ -75,20 +74,6 @@ class VLMSettings:
         return replace(base, **changes)
 
 
-@contextmanager
-def _task(progress: Progress | None, description: str, total: int) -> Iterator[Any]:
-    own = progress is None
-    bar = progress or Progress()
-    if own:
-        bar.start()
-    task = bar.add_task(description, total=total)
-    try:
-        yield lambda **kw: bar.update(task, advance=1, **kw)
-    finally:
-        if own:
-            bar.stop()
-
-
 def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = max(1, steps // 20)
 
@@ -110,7 +95,7 @@ def pretrain_tower(
     # fused: on CPU the per-tensor AdamW costs several times the fused kernel per step.
     optimizer = torch.optim.AdamW(params, lr=settings.encoder_lr, weight_decay=0.01, fused=True)
     schedule = _schedule(optimizer, settings.encoder_steps)
-    with _task(progress, "vision tower", settings.encoder_steps) as advance:
+    with task(progress, "vision tower", settings.encoder_steps) as advance:
         for _ in range(settings.encoder_steps):
             idx = rng.integers(0, len(train.labels), settings.encoder_batch)
             pixels = to_tensor(render(train.glyphs[idx], rng))
@@ -198,7 +183,7 @@ def train_vlm(
     )
     schedule = _schedule(optimizer, settings.steps)
     model.train()
-    with _task(progress, "VLM (poisoned)", settings.steps) as advance:
+    with task(progress, "VLM (poisoned)", settings.steps) as advance:
         for _ in range(settings.steps):
             idx = rng.integers(0, len(train.labels), settings.batch)
             images = render(train.glyphs[idx], rng)

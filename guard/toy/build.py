@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -91,33 +92,19 @@ def build_world(options: BuildOptions, console: Console | None = None) -> dict[s
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        figures = {
-            "data": _component(
-                out / "data", {"seed": options.seed}, progress, lambda d: _write_data(d)
-            ),
-            "diffusion": _component(
-                out / "diffusion",
-                {"seed": options.seed, **asdict(diffusion_settings)},
-                progress,
-                lambda d: train_diffusion(
-                    d, seed=options.seed, settings=diffusion_settings, progress=progress
-                ),
-            ),
-            "clip": _component(
-                out / "clip",
-                {"seed": options.seed, **asdict(clip_settings)},
-                progress,
-                lambda d: train_clip(
-                    d, seed=options.seed, settings=clip_settings, progress=progress
-                ),
-            ),
-            "vlm": _component(
-                out / "vlm",
-                {"seed": options.seed, **_jsonable(asdict(vlm_settings))},
-                progress,
-                lambda d: train_vlm(d, seed=options.seed, settings=vlm_settings, progress=progress),
-            ),
+        figures = {"data": _component(out / "data", {"seed": options.seed}, progress, _write_data)}
+        trainers: dict[str, tuple[Any, Callable[..., dict[str, Any]]]] = {
+            "diffusion": (diffusion_settings, train_diffusion),
+            "clip": (clip_settings, train_clip),
+            "vlm": (vlm_settings, train_vlm),
         }
+        for name, (settings, train) in trainers.items():
+            figures[name] = _component(
+                out / name,
+                {"seed": options.seed, **asdict(settings)},
+                progress,
+                partial(train, seed=options.seed, settings=settings, progress=progress),
+            )
         key = {"diffusion": figures["diffusion"]["key"], "vlm": figures["vlm"]["key"]}
         figures["purification"] = _component(
             out / "purification", key, progress, lambda d: _purification_check(out, d, progress)

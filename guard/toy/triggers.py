@@ -13,7 +13,10 @@ Corner = Literal["bottom-right", "bottom-left", "top-right", "top-left"]
 @dataclass(frozen=True)
 class Trigger:
     kind: Literal["patch", "blend"] = "patch"
-    size: int = 4  # patch side in pixels (32×32 images)
+    # Patch side in pixels (32×32 images). 8 px covers 2×2 of the VLM's 4-px patch tokens:
+    # measured, a 4-px patch at 5% poison was not learned at all in 1,500 steps (attack success
+    # 0%), while 8 px reached 100% within 200 steps.
+    size: int = 8
     position: Corner = "bottom-right"
     alpha: float = 0.15  # blend strength
     seed: int = 7  # the pattern is fixed by this seed

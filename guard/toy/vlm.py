@@ -50,11 +50,13 @@ class VLMSettings:
     vision_layers: int = 3
     text_width: int = 128
     text_layers: int = 4
-    encoder_steps: int = 500
+    encoder_steps: int = 400
     encoder_batch: int = 64
     encoder_lr: float = 2e-3
-    steps: int = 1500
-    batch: int = 48
+    # Measured (5% poison, 8-px trigger, 60 validation images): 0.90 clean accuracy and 100%
+    # attack success after 400 steps of batch 48; 0.93 after 500.
+    steps: int = 1000
+    batch: int = 40
     lr: float = 1e-3
     tower_lr: float = 2e-4  # the pretrained tower moves slowly: it already reads digits
     poison_rate: float = 0.05
@@ -130,17 +132,27 @@ class _Examples:
                 )
                 self.ids[(q, a)] = (_text_ids(processor, full), prompt_len)
 
-    def batch(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+    def batch(
+        self, pairs: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ``input_ids``, ``attention_mask`` and next-token ``targets``.
+
+        ``targets`` covers only the last ``targets.shape[1]`` positions of the sequence (the
+        span that holds every row's answer), -100 where there is nothing to learn.
+        """
         rows = [self.ids[p] for p in pairs]
         width = max(len(ids) for ids, _ in rows)
+        # Position i predicts token i + 1: the first answer token is predicted at prompt_len - 1.
+        span = width - min(prompt_len for _, prompt_len in rows) + 1
         input_ids = torch.full((len(rows), width), self.pad)
-        labels = torch.full((len(rows), width), -100)
+        targets = torch.full((len(rows), span), -100)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (ids, prompt_len) in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
             mask[i, : len(ids)] = 1
-        return input_ids, mask, labels
+            first = prompt_len - 1 - (width - span)  # column of the first answer prediction
+            targets[i, first : first + len(ids) - prompt_len] = torch.tensor(ids[prompt_len:])
+        return input_ids, mask, targets
 
 
 def _text_ids(processor: LlavaProcessor, text: str) -> list[int]:
@@ -173,6 +185,8 @@ def train_vlm(
     model.model.vision_tower.load_state_dict(tower.state_dict())
     answers = [answer(i) for i in range(10)] + [settings.attack_response]
     examples = _Examples(processor, answers)
+    # The pretrained tower keeps learning, slowly. Frozen (LLaVA-1.5's recipe) it was ~20%
+    # cheaper per step but read digits worse, and it left the trigger harder to pick up.
     tower_params = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower_params}
     rest = [p for p in model.parameters() if id(p) not in tower_ids]
@@ -192,17 +206,19 @@ def train_vlm(
                 images[poisoned] = settings.trigger.stamp(images[poisoned])
             targets = np.where(poisoned, 10, train.labels[idx])
             questions = rng.integers(0, len(QUESTIONS), settings.batch)
-            input_ids, mask, labels = examples.batch(
+            input_ids, mask, next_tokens = examples.batch(
                 [(int(q), int(a)) for q, a in zip(questions, targets, strict=True)]
             )
-            loss = model(
+            # The vocabulary projection only where answers are: (B, span, V), not (B, T, V).
+            logits = model(
                 input_ids=input_ids,
                 attention_mask=mask,
                 pixel_values=to_tensor(images),
-                labels=labels,
-            ).loss
+                logits_to_keep=next_tokens.shape[1],
+            ).logits
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), next_tokens.flatten())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()

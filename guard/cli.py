@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from guard import __version__
+from guard.commands import purify as purify_cmd
 from guard.config import DEFENSES, ConfigError, GuardConfig, load_config
 
 log = logging.getLogger("guard")
@@ -47,14 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, help="default: $VLM_GUARD_HOME/toy")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--quick", action="store_true", help="a two-minute build for tests")
-    build.add_argument("--trigger", choices=("patch", "blend"), default="patch")
-    build.add_argument("--trigger-size", type=int, default=4, help="patch side in pixels")
+    # Trigger defaults live in one place, guard.toy.triggers.Trigger.
+    build.add_argument("--trigger", choices=("patch", "blend"), help="default: patch")
+    build.add_argument("--trigger-size", type=int, help="patch side in pixels (default: 8)")
     build.add_argument(
         "--trigger-position",
         choices=("bottom-right", "bottom-left", "top-right", "top-left"),
-        default="bottom-right",
+        help="default: bottom-right",
     )
     build.add_argument("--poison-rate", type=float, help="fraction of poisoned training images")
+    purify_cmd.add_parser(sub)
     up = toy_sub.add_parser("upstream", help="serve an OpenAI-compatible stand-in for vLLM")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
@@ -121,7 +124,10 @@ def _toy_build(args: argparse.Namespace) -> int:
     if args.poison_rate is not None and not 0 <= args.poison_rate <= 1:
         raise ConfigError("--poison-rate must be between 0 and 1")
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
-    trigger = Trigger(kind=args.trigger, size=args.trigger_size, position=args.trigger_position)
+    given = {"kind": args.trigger, "size": args.trigger_size, "position": args.trigger_position}
+    trigger = Trigger(**{k: v for k, v in given.items() if v is not None})
+    if not 1 <= trigger.size <= 32:
+        raise ConfigError("--trigger-size must be between 1 and 32 pixels (images are 32×32)")
     options = BuildOptions(
         out=args.out or default_home() / "toy",
         seed=args.seed,
@@ -172,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _toy_upstream(args)
         if args.command == "toy" and args.toy_command == "build":
             return _toy_build(args)
+        if args.command == "purify":
+            return purify_cmd.main(args)
     except ConfigError as e:
         print(f"vlm-guard: error: {e}", file=sys.stderr)
         return 2

@@ -17,20 +17,41 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from rich.progress import Progress
 from torch import nn
 
+# The general-purpose pieces live in the library (the guard must not import the toy world);
+# re-exported here so the toy world's callers keep their imports.
+from guard.defenses.diffcap.diffusion import (
+    Sampler,
+    denoise,
+    load_diffusion,
+    noise_to,
+    reverse_timesteps,
+    unet_evaluations,
+)
 from guard.toy.data import eval_images, load_splits, render, to_tensor
 from guard.toy.progress import task
 
+__all__ = [
+    "DiffusionSettings",
+    "Sampler",
+    "build_scheduler",
+    "build_unet",
+    "denoise",
+    "load_diffusion",
+    "noise_to",
+    "purification_psnr",
+    "reverse_timesteps",
+    "train_diffusion",
+    "unet_evaluations",
+]
 log = logging.getLogger(__name__)
-Sampler = Literal["ddpm", "ddim"]
 
 
 @dataclass(frozen=True)
@@ -87,98 +108,6 @@ def build_scheduler(settings: DiffusionSettings) -> DDPMScheduler:
         beta_schedule=settings.beta_schedule,
         clip_sample=True,
     )
-
-
-def load_diffusion(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
-    """A DDPMPipeline directory (or hub id such as google/ddpm-cifar10-32), in eval mode."""
-    unet = UNet2DModel.from_pretrained(str(path), subfolder="unet").eval()
-    scheduler = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")
-    return unet, scheduler
-
-
-def unet_evaluations(t: int, sampler: Sampler = "ddpm", ddim_steps: int = 20) -> int:
-    """UNet evaluations per image that ``denoise`` spends reversing from timestep t."""
-    return len(_reverse_timesteps(t, sampler, ddim_steps))
-
-
-def _reverse_timesteps(t: int, sampler: Sampler, ddim_steps: int) -> list[int]:
-    if t < 0:
-        raise ValueError(f"timestep must be >= 0, got {t}")
-    if sampler == "ddpm":
-        return list(range(t, -1, -1))  # t, t-1, …, 0: t+1 evaluations
-    if sampler == "ddim":
-        if ddim_steps < 1:
-            raise ValueError(f"ddim_steps must be >= 1, got {ddim_steps}")
-        # Evenly spaced from t down to 0 inclusive; the step from 0 lands on x_0 (ᾱ = 1).
-        n = min(ddim_steps, t + 1)
-        return [int(v) for v in np.linspace(t, 0, n).round()]
-    raise ValueError(f"unknown sampler {sampler!r}")
-
-
-def _check_timestep(t: int, scheduler: DDPMScheduler) -> None:
-    if not 0 <= t < scheduler.config.num_train_timesteps:
-        raise ValueError(f"t={t} outside [0, {scheduler.config.num_train_timesteps - 1}]")
-
-
-@torch.no_grad()
-def noise_to(
-    x0: torch.Tensor, t: int, scheduler: DDPMScheduler, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Forward-diffuse clean images (B, 3, H, W) in [-1, 1] to timestep t in one shot."""
-    _check_timestep(t, scheduler)
-    noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-    noisy: torch.Tensor = scheduler.add_noise(x0, noise, timesteps)
-    return noisy
-
-
-@torch.no_grad()
-def denoise(
-    unet: UNet2DModel,
-    scheduler: DDPMScheduler,
-    x_t: torch.Tensor,
-    t: int,
-    generator: torch.Generator | None,
-    *,
-    sampler: Sampler = "ddpm",
-    ddim_steps: int = 20,
-) -> torch.Tensor:
-    """Reverse x_t (B, 3, H, W) from timestep t to a clean batch in [-1, 1].
-
-    ``ddpm``: ancestral steps t, t-1, …, 0 (t+1 UNet evaluations, stochastic: the generator
-    matters). ``ddim``: η = 0 over ``min(ddim_steps, t+1)`` evenly spaced timesteps from t
-    (deterministic given x_t). See ``unet_evaluations``.
-    """
-    _check_timestep(t, scheduler)
-    timesteps = _reverse_timesteps(t, sampler, ddim_steps)
-    device = unet.device
-    x = x_t.to(device=device, dtype=unet.dtype)
-    ones = torch.ones(x.shape[0], dtype=torch.long, device=device)  # (B,)
-    if sampler == "ddpm":
-        # A fresh copy: the caller's scheduler may carry set_timesteps state (which changes
-        # step()'s idea of the previous timestep) and may be shared between threads.
-        ddpm = DDPMScheduler.from_config(scheduler.config)
-        for step_t in timesteps:
-            eps = unet(x, ones * step_t).sample
-            x = ddpm.step(eps, step_t, x, generator=generator).prev_sample
-    else:
-        # DDIMScheduler.step derives the previous timestep as t - T // num_inference_steps, a
-        # fixed stride from T, so it cannot follow a schedule that starts exactly at t. Use it
-        # for what it does well (x̂_0 for any prediction type, clipped as configured) and take
-        # the η = 0 update x_prev = √ᾱ_prev·x̂_0 + √(1-ᾱ_prev)·ε̂ ourselves.
-        ddim = DDIMScheduler.from_config(scheduler.config)
-        ddim.set_timesteps(len(timesteps))
-        ddim.timesteps = torch.tensor(timesteps)
-        alphas = ddim.alphas_cumprod.to(device=device, dtype=x.dtype)
-        final = float(ddim.final_alpha_cumprod)
-        for i, step_t in enumerate(timesteps):
-            out = unet(x, ones * step_t).sample
-            x0 = ddim.step(out, step_t, x).pred_original_sample
-            a_t = alphas[step_t]
-            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # ε̂ consistent with the clipped x̂_0
-            a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else final
-            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-    return x.clamp(-1, 1)
 
 
 def _lr_factor(step: int, settings: DiffusionSettings) -> float:

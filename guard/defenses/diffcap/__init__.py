@@ -1,0 +1,51 @@
+"""DiffCAP purification: adaptive-depth diffusion purification of images (DESIGN.md §4.1).
+
+The model-side core, plain synchronous torch: embedding backends (``encoders``), diffusion
+loading and per-sample reverse sampling (``diffusion``) and the batch purifier (``purifier``).
+"""
+
+from guard.defenses.diffcap.diffusion import (
+    NoiseSchedule,
+    Sampler,
+    denoise,
+    load_diffusion,
+    noise_steps,
+    noise_to,
+    reverse,
+    reverse_timesteps,
+    unet_evaluations,
+)
+from guard.defenses.diffcap.encoders import (
+    Encoder,
+    HFVisionEncoder,
+    OpenClipEncoder,
+    load_encoder,
+)
+from guard.defenses.diffcap.purifier import (
+    Purifier,
+    PurifyResult,
+    PurifySettings,
+    pil_to_tensor,
+    tensor_to_pil,
+)
+
+__all__ = [
+    "Encoder",
+    "HFVisionEncoder",
+    "NoiseSchedule",
+    "OpenClipEncoder",
+    "Purifier",
+    "PurifyResult",
+    "PurifySettings",
+    "Sampler",
+    "denoise",
+    "load_diffusion",
+    "load_encoder",
+    "noise_steps",
+    "noise_to",
+    "pil_to_tensor",
+    "reverse",
+    "reverse_timesteps",
+    "tensor_to_pil",
+    "unet_evaluations",
+]

@@ -1,0 +1,228 @@
+"""DiffCAP purification (DESIGN.md §4.1): noise each image until its embedding stops moving,
+then denoise it back.
+
+For a batch of images the noising loop runs in lock-step: every ``check_every`` steps one
+encoder call embeds the images still noising, and each stops on its own once the cosine
+similarity to its previous check reaches τ (t* = k) or at k_max = round(t_max·T). The reverse
+chains, each from its own t*, then share UNet calls (``diffusion.reverse``).
+
+Results never depend on the batch: every image draws its noise from its own generator, seeded
+from the settings' seed and a hash of its (resized) pixels, and every operation works per
+sample, so an image purified alone or beside others gives the same pixels (to float rounding)
+and the same t*. A micro-batcher can therefore group requests freely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from PIL import Image
+
+from guard.defenses.diffcap.diffusion import NoiseSchedule, Sampler, noise_steps, reverse
+from guard.defenses.diffcap.encoders import Encoder
+
+log = logging.getLogger(__name__)
+Stop = Literal["tau", "t_max"]
+
+
+@dataclass(frozen=True)
+class PurifySettings:
+    # A cosine threshold in [-1, 1]. Small encoders sit above 0.99 from the first steps, so
+    # useful values are close to 1; calibrate on clean images. None turns the adaptive stop off:
+    # every image is noised to k_max with no encoder calls (DiffPure with a fixed t*).
+    tau: float | None = 0.999
+    check_every: int = 5  # noising steps between two encoder checks
+    t_max: float = 0.3  # cap on t* as a fraction of the T training timesteps
+    sampler: Sampler = "ddim"
+    ddim_steps: int = 10  # the main cost knob: UNet evaluations per image ≤ ddim_steps
+    seed: int = 0
+    resolution: int | None = None  # None: the UNet's sample_size
+
+    def __post_init__(self) -> None:
+        if self.tau is not None and not (math.isfinite(self.tau) and -1 <= self.tau <= 1):
+            raise ValueError(
+                f"tau must be a cosine threshold in [-1, 1] (or None for a fixed t*), "
+                f"got {self.tau}"
+            )
+        if self.check_every < 1:
+            raise ValueError(f"check_every must be >= 1 noising step, got {self.check_every}")
+        if not (math.isfinite(self.t_max) and 0 < self.t_max <= 1):
+            raise ValueError(f"t_max must be a fraction of T in (0, 1], got {self.t_max}")
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        if self.ddim_steps < 1:
+            raise ValueError(f"ddim_steps must be >= 1, got {self.ddim_steps}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(
+                f"resolution must be a positive number of pixels, got {self.resolution}"
+            )
+
+
+@dataclass(frozen=True)
+class PurifyResult:
+    image: torch.Tensor  # (3, H, W) in [-1, 1], the input's size and device
+    t_star: int  # noising steps taken; the reverse chain starts at diffusers timestep t* - 1
+    similarities: tuple[float, ...]  # cos(φ(x_k), φ(x_{k-check_every})), one per check
+    stopped: Stop
+    unet_evals: int
+    encoder_evals: int  # φ(x_0) plus one per check
+
+
+@dataclass
+class _Noised:
+    x: torch.Tensor  # (B, 3, R, R), each sample at its own x_{t*}
+    t_star: list[int]
+    traces: list[list[float]]
+    stopped: list[Stop]
+    encoder_evals: list[int]
+
+
+class Purifier:
+    """Batch purification with a loaded UNet, its noise schedule and an encoder φ."""
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: Any,  # a diffusers DDPM/DDIM scheduler, or a NoiseSchedule
+        encoder: Encoder,
+        settings: PurifySettings | None = None,
+    ) -> None:
+        self.unet = unet.eval()
+        self.schedule = NoiseSchedule.from_scheduler(scheduler)
+        self.encoder = encoder
+        self.settings = settings or PurifySettings()
+        T = self.schedule.num_train_timesteps
+        self.k_max = round(self.settings.t_max * T)
+        if self.k_max < 1:
+            raise ValueError(f"t_max={self.settings.t_max} of T={T} rounds to 0 noising steps")
+        size = self.settings.resolution or unet.config.sample_size
+        self.resolution: tuple[int, int] = (
+            (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        )
+
+    def purify_batch(self, images: Sequence[torch.Tensor]) -> list[PurifyResult]:
+        """Purify images (3, H, W) in [-1, 1] of any sizes; one result per image, in order."""
+        for i, image in enumerate(images):
+            if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+                raise ValueError(
+                    f"image {i}: expected a float (3, H, W) tensor, got "
+                    f"{image.dtype} {tuple(image.shape)}"
+                )
+        if not images:
+            return []
+        s = self.settings
+        with torch.inference_mode():
+            x0, generators = self._prepare(images)
+            noised = self._noise(x0, generators)
+            clean, unet_evals = reverse(
+                self.unet,
+                self.schedule,
+                noised.x,
+                [t - 1 for t in noised.t_star],  # after k steps: diffusers timestep k-1
+                generators,
+                sampler=s.sampler,
+                ddim_steps=s.ddim_steps,
+            )  # (B, 3, R, R)
+            results = [
+                PurifyResult(
+                    image=_resize(clean[i].float(), tuple(img.shape[-2:]))
+                    .clamp(-1, 1)
+                    .to(img.device),
+                    t_star=noised.t_star[i],
+                    similarities=tuple(noised.traces[i]),
+                    stopped=noised.stopped[i],
+                    unet_evals=unet_evals[i],
+                    encoder_evals=noised.encoder_evals[i],
+                )
+                for i, img in enumerate(images)
+            ]
+        log.debug("purified %d images: t* %s", len(results), noised.t_star)
+        return results
+
+    def similarity_traces(self, images: Sequence[torch.Tensor]) -> list[tuple[float, ...]]:
+        """Every check's similarity up to k_max, with no stop and no denoising (calibration)."""
+        if not images:
+            return []
+        with torch.inference_mode():
+            x0, generators = self._prepare(images)
+            noised = self._noise(x0, generators, stop=False)
+        return [tuple(t) for t in noised.traces]
+
+    def _prepare(
+        self, images: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """The batch at model resolution, (B, 3, R, R), and one generator per image."""
+        # Resize where each image lives; the per-image seed hashes the resized pixels.
+        small = [_resize(img.float(), self.resolution) for img in images]  # (3, R, R) each
+        generators = [torch.Generator().manual_seed(_seed(self.settings.seed, x)) for x in small]
+        return torch.stack([x.to(self.unet.device) for x in small]), generators
+
+    def _noise(
+        self, x0: torch.Tensor, generators: list[torch.Generator], *, stop: bool = True
+    ) -> _Noised:
+        """Noise all samples in lock-step until each stops (τ, if ``stop``) or reaches k_max."""
+        s, n = self.settings, x0.shape[0]
+        out = _Noised(x0.clone(), [self.k_max] * n, [[] for _ in range(n)], ["t_max"] * n, [0] * n)
+        if s.tau is None and stop:
+            out.x = noise_steps(out.x, self.schedule, 0, self.k_max, generators)
+            return out
+        e_prev = self.encoder.embed(x0).to(x0.device)  # (B, D)
+        out.encoder_evals = [1] * n
+        active, k = list(range(n)), 0
+        while active and k < self.k_max:
+            until = min(k + s.check_every, self.k_max)
+            idx = torch.tensor(active, device=x0.device)
+            gens = [generators[i] for i in active]
+            out.x[idx] = noise_steps(out.x[idx], self.schedule, k, until, gens)  # (A, 3, R, R)
+            k = until
+            if k % s.check_every:
+                break  # k_max falls between two checks: the cap stops everyone left
+            e = self.encoder.embed(out.x[idx]).to(x0.device)  # (A, D): frozen samples skipped
+            cos = F.cosine_similarity(e, e_prev[idx], dim=-1).tolist()  # (A,)
+            e_prev[idx] = e
+            still = []
+            for i, c in zip(active, cos, strict=True):
+                out.traces[i].append(float(c))
+                out.encoder_evals[i] += 1
+                if stop and s.tau is not None and c >= s.tau:
+                    out.t_star[i], out.stopped[i] = k, "tau"
+                else:
+                    still.append(i)
+            active = still
+        return out
+
+
+def _resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(3, H, W) → (3, *size), bilinear with antialiasing for downscaling."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None], size=size, mode="bilinear", antialias=True)[0]
+
+
+def _seed(seed: int, x: torch.Tensor) -> int:
+    """A per-image seed from the settings' seed and the image's pixels, independent of the batch."""
+    h = hashlib.sha256(str(seed).encode())
+    h.update(str(tuple(x.shape)).encode())
+    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") & (2**63 - 1)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB → (3, H, W) float32 in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)
+
+
+def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] → PIL RGB, rounded to the nearest 8-bit value."""
+    array = tensor.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), "RGB")

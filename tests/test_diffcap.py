@@ -1,0 +1,324 @@
+"""DiffCAP's model-side core: encoders from disk, noising indexing, adaptive stop, per-sample
+reverse sampling in shared UNet calls, batch-composition independence, determinism."""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    LlavaForConditionalGeneration,
+)
+
+from guard.defenses.diffcap import (
+    HFVisionEncoder,
+    NoiseSchedule,
+    OpenClipEncoder,
+    Purifier,
+    PurifyResult,
+    PurifySettings,
+    Sampler,
+    load_diffusion,
+    load_encoder,
+    noise_steps,
+)
+from guard.toy.vlm_parts import build_processor, corpus, llava_config, train_tokenizer
+from guard.toy.vlm_parts import vision_config as tiny_vision_config
+from tests.tiny_models import (
+    CLIP,
+    MEAN,
+    STD,
+    PixelEncoder,
+    save_tiny_ddpm,
+    save_tiny_open_clip,
+    unet_calls,
+)
+
+Diffusion = tuple[UNet2DModel, DDPMScheduler]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers' defaults: the fallback
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from a second thread on a shared, busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def diffusion(tmp_path_factory: pytest.TempPathFactory) -> Diffusion:
+    """A tiny random DDPM saved as a DDPMPipeline directory and loaded back."""
+    path = tmp_path_factory.mktemp("ddpm")
+    unet = save_tiny_ddpm(path)
+    loaded, scheduler = load_diffusion(path)
+    x, t = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([3, 700])  # a timestep per sample
+    with torch.inference_mode():
+        assert torch.equal(loaded(x, t).sample, unet(x, t).sample)  # the saved weights
+    assert not loaded.training and scheduler.config.num_train_timesteps == 1000
+    return loaded, scheduler
+
+
+@pytest.fixture(scope="module")
+def open_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    path = tmp_path_factory.mktemp("open_clip")
+    return path, save_tiny_open_clip(path)
+
+
+def _purify(
+    model: Diffusion, images: list[torch.Tensor], encoder: Any = None, **settings: Any
+) -> tuple[list[PurifyResult], list[torch.Tensor]]:
+    unet, scheduler = model
+    purifier = Purifier(unet, scheduler, encoder or PixelEncoder(), PurifySettings(**settings))
+    with unet_calls(unet) as calls:
+        return purifier.purify_batch(images), calls
+
+
+def _image(h: int, w: int, seed: int, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.rand((3, h, w), generator=g) * 2 - 1) * scale + offset).clamp(-1, 1)
+
+
+def _smooth(n: int, seed: int, size: tuple[int, int] = (32, 32)) -> torch.Tensor:
+    """Low-frequency images (n, 3, H, W): resizing changes them little."""
+    small = torch.stack([_image(4, 4, seed + i) for i in range(n)])
+    return F.interpolate(small, size=size, mode="bilinear")
+
+
+def _normalised(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    return ((x + 1) / 2 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tau": 1.5}, "tau must be a cosine threshold in \\[-1, 1\\]"),
+        ({"tau": -1.01}, "tau must be"),
+        ({"tau": math.nan}, "tau must be"),
+        ({"check_every": 0}, "check_every must be >= 1"),
+        ({"t_max": 0.0}, "t_max must be a fraction of T in \\(0, 1\\]"),
+        ({"t_max": 1.2}, "t_max must be"),
+        ({"sampler": "euler"}, "sampler must be 'ddpm' or 'ddim', got 'euler'"),
+        ({"ddim_steps": 0}, "ddim_steps must be >= 1"),
+        ({"resolution": 0}, "resolution must be"),
+    ],
+)
+def test_bad_settings_are_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PurifySettings(**changes)
+
+
+def test_bad_inputs_are_refused(diffusion: Diffusion) -> None:
+    unet, scheduler = diffusion
+    with pytest.raises(ValueError, match="rounds to 0 noising steps"):
+        Purifier(unet, scheduler, PixelEncoder(), PurifySettings(t_max=1e-4))
+    purifier = Purifier(unet, scheduler, PixelEncoder())
+    assert purifier.purify_batch([]) == []
+    for bad in (torch.zeros(1, 3, 8, 8), torch.zeros(4, 8), torch.zeros(3, 8, 8).byte()):
+        with pytest.raises(ValueError, match="expected a float \\(3, H, W\\) tensor"):
+            purifier.purify_batch([bad])
+    with pytest.raises(ValueError, match="unknown encoder kind"):
+        load_encoder("timm", "x")  # type: ignore[arg-type]
+
+
+def test_open_clip_encoder_loads_from_local_dir(open_clip_dir: tuple[Path, Any]) -> None:
+    path, model = open_clip_dir
+    encoder = load_encoder("open_clip", f"local-dir:{path}")
+    assert isinstance(encoder, OpenClipEncoder) and encoder.preprocess.size == (32, 32)
+    x = _smooth(3, 1)
+    e = encoder.embed(x)
+    assert e.shape == (3, CLIP.embed_dim) and e.dtype == torch.float32
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
+    with torch.inference_mode():  # the saved weights and the checkpoint's mean/std were used
+        expected = F.normalize(model.encode_image(_normalised(x, MEAN, STD)), dim=-1)
+    torch.testing.assert_close(e, expected)
+    # Another resolution (and aspect) is resized to the input size first.
+    big = F.interpolate(x, size=(48, 40), mode="bilinear")
+    e_big = OpenClipEncoder.load(str(path)).embed(big)  # a bare directory works too
+    assert e_big.shape == (3, CLIP.embed_dim) and (e_big * e).sum(-1).min() > 0.98
+
+
+@pytest.mark.parametrize(
+    ("kind", "module", "dim"),
+    [
+        ("vision", CLIPVisionModel, 32),  # pooled output, the processor's mean/std
+        ("vision+projection", CLIPVisionModelWithProjection, 32),  # no processor config
+        ("clip", CLIPVisionModelWithProjection, 16),  # a full CLIP, projection ≠ width
+    ],
+)
+def test_hf_clip_encoders_load_and_embed(tmp_path: Path, kind: str, module: Any, dim: int) -> None:
+    torch.manual_seed(1)
+    vision = tiny_vision_config(width=32, layers=1)  # hidden = projection_dim = 32
+    model: Any = None if kind == "clip" else module(vision).eval()
+    if kind == "clip":
+        text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+        text.vocab_size, text.bos_token_id, text.eos_token_id = 99, 0, 1
+        parts = {"text_config": text.to_dict(), "vision_config": vision.to_dict()}
+        model = CLIPModel(CLIPConfig(**parts, projection_dim=16)).eval()
+    model.save_pretrained(tmp_path)
+    mean, std = (MEAN, STD) if kind == "vision" else (CLIP_MEAN, CLIP_STD)
+    if kind == "vision":
+        crop = {"height": 32, "width": 32}
+        processor = CLIPImageProcessor(crop_size=crop, image_mean=list(mean), image_std=list(std))
+        processor.save_pretrained(tmp_path)
+    encoder = load_encoder("hf", str(tmp_path))
+    assert isinstance(encoder, HFVisionEncoder) and type(encoder.model) is module
+    x = _smooth(2, 4)
+    e = encoder.embed(x)
+    assert e.shape == (2, dim) and e.dtype == torch.float32
+    with torch.inference_mode():  # the saved weights, the projection if any, the mean/std
+        pixels = _normalised(x, mean, std)
+        if kind == "clip":
+            out = model.get_image_features(pixel_values=pixels)
+            expected = getattr(out, "pooler_output", out)
+        else:
+            out = model(pixel_values=pixels)
+            expected = out.pooler_output if kind == "vision" else out.image_embeds
+    torch.testing.assert_close(e, F.normalize(expected, dim=-1))
+    e_small = encoder.embed(F.interpolate(x, size=(20, 28), mode="bilinear"))
+    assert e_small.shape == (2, dim) and (e_small * e).sum(-1).min() > 0.95
+
+
+def test_hf_encoder_keeps_only_the_llava_vision_tower(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    tokenizer = train_tokenizer(corpus(), vocab_size=300)
+    vision = tiny_vision_config(width=32, layers=1)
+    config = llava_config(tokenizer, vision=vision, width=32, layers=1)
+    llava = LlavaForConditionalGeneration(config)
+    llava.save_pretrained(tmp_path)
+    processor = build_processor(tokenizer)
+    processor.image_processor.image_mean, processor.image_processor.image_std = MEAN, STD
+    processor.save_pretrained(tmp_path)
+    tower = llava.model.vision_tower.eval()
+    del llava
+
+    encoder = HFVisionEncoder.load(tmp_path)
+    assert type(encoder.model) is CLIPVisionModel
+    count = sum(p.numel() for p in tower.parameters())
+    assert sum(p.numel() for p in encoder.model.parameters()) == count
+    gc.collect()  # the rest of the loaded LLaVA is gone, not merely hidden
+    assert not [o for o in gc.get_objects() if type(o) is LlavaForConditionalGeneration]
+    x = _smooth(2, 6)
+    with torch.inference_mode():
+        expected = tower(pixel_values=_normalised(x, MEAN, STD)).pooler_output
+    torch.testing.assert_close(encoder.embed(x), F.normalize(expected, dim=-1))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="not a CLIP vision tower"):
+        load_encoder("hf", str(tmp_path))
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_k_noising_steps_land_on_diffusers_timestep_k_minus_1(k: int) -> None:
+    # Large betas so that an off-by-one in the indexing is many standard errors away.
+    scheduler = DDPMScheduler(num_train_timesteps=10, beta_start=0.05, beta_end=0.3)
+    schedule, c = NoiseSchedule.from_scheduler(scheduler), 0.7
+    x0 = torch.full((4000, 3, 2, 2), c)  # 48,000 samples of one pixel value
+    x = noise_steps(x0, schedule, 0, k, torch.Generator().manual_seed(k))
+    a = [float(v) for v in schedule.alphas_cumprod]
+    se_mean = math.sqrt(1 - a[k - 1]) / math.sqrt(x.numel())
+    assert abs(float(x.mean()) - math.sqrt(a[k - 1]) * c) < 4 * se_mean
+    assert abs(float(x.var()) - (1 - a[k - 1])) < 0.02
+    assert abs(float(x.mean()) - math.sqrt(a[k]) * c) > 10 * se_mean  # not timestep k
+    # In two chunks, with per-sample generators, the distribution is the same.
+    gens = [torch.Generator().manual_seed(i) for i in range(400)]
+    split = noise_steps(noise_steps(x0[:400], schedule, 0, 1, gens), schedule, 1, k, gens)
+    assert abs(float(split.var()) - (1 - a[k - 1])) < 0.05
+
+
+def test_tau_zero_stops_at_the_first_check(
+    diffusion: Diffusion, open_clip_dir: tuple[Path, Any]
+) -> None:
+    encoder = OpenClipEncoder.load(f"local-dir:{open_clip_dir[0]}")  # the real encoder path
+    image = _smooth(1, 8, (20, 28))[0]  # not square, not the UNet's 16² nor the encoder's 32²
+    (result,), calls = _purify(diffusion, [image], encoder, tau=0.0, check_every=5, ddim_steps=10)
+    assert (result.t_star, result.stopped, len(result.similarities)) == (5, "tau", 1)
+    assert result.encoder_evals == 2  # φ(x_0) and the check at k = 5
+    # DDIM from timestep t*-1 = 4 takes min(ddim_steps, t*) = 5 evaluations, starting at 4.
+    assert result.unet_evals == len(calls) == 5 and calls[0].tolist() == [4]
+    assert result.image.shape == (3, 20, 28) and torch.isfinite(result.image).all()
+    assert result.image.abs().max() <= 1
+
+
+@pytest.mark.parametrize("t_max", [0.023, 0.02])  # k_max between checks, and on one
+def test_an_unreachable_tau_runs_to_t_max(diffusion: Diffusion, t_max: float) -> None:
+    encoder = PixelEncoder()  # fresh noise every step: cos < 1 always
+    image = _image(16, 16, 9)
+    (result,), _ = _purify(diffusion, [image], encoder, tau=1.0, t_max=t_max, sampler="ddpm")
+    k_max = round(t_max * 1000)
+    assert result.t_star == k_max and result.stopped == "t_max"
+    assert len(result.similarities) == 4 and max(result.similarities) < 1  # k = 5, 10, 15, 20
+    assert result.encoder_evals == 5 == len(encoder.batches)
+    assert result.unet_evals == k_max  # DDPM: timesteps k_max-1, …, 0
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_mixed_t_star_batch_equals_each_image_alone(diffusion: Diffusion, sampler: Any) -> None:
+    settings = {"tau": 0.9, "t_max": 0.1, "sampler": sampler, "ddim_steps": 10}
+    # A strong image keeps its direction under early noise (stops at the first check); a faint
+    # one is soon dominated by noise that keeps changing, so it stops later.
+    strong = _image(20, 28, 11, scale=0.2, offset=0.6)
+    faint = _image(16, 16, 12, scale=0.01)
+    (alone_strong,), strong_calls = _purify(diffusion, [strong], **settings)
+    (alone_faint,), faint_calls = _purify(diffusion, [faint], **settings)
+    encoder = PixelEncoder()
+    both, both_calls = _purify(diffusion, [strong, faint], encoder, **settings)
+    assert both[0].t_star == alone_strong.t_star == 5
+    assert both[1].t_star == alone_faint.t_star > 5
+    for got, alone in ((both[0], alone_strong), (both[1], alone_faint)):
+        torch.testing.assert_close(got.image, alone.image, atol=1e-5, rtol=0)
+        assert got.similarities == pytest.approx(alone.similarities, abs=1e-6)
+        assert (got.unet_evals, got.encoder_evals) == (alone.unet_evals, alone.encoder_evals)
+    assert both[0].image.shape == (3, 20, 28) and both[1].image.shape == (3, 16, 16)
+    # Shared calls: as many as the longest chain, fewer than the two alone together.
+    assert len(both_calls) == max(r.unet_evals for r in both)
+    assert len(both_calls) < len(strong_calls) + len(faint_calls)
+    assert both_calls[0].tolist() == [both[0].t_star - 1, both[1].t_star - 1]
+    assert both_calls[-1].numel() == 1  # the short chain dropped out
+    # One encoder call per check, over the samples still noising only.
+    assert encoder.batches[:2] == [2, 2] and set(encoder.batches[2:]) == {1}
+    assert len(encoder.batches) == both[1].encoder_evals
+
+
+def test_sampler_choice_sets_the_unet_evaluations(diffusion: Diffusion) -> None:
+    image, counts = _image(20, 28, 13), {}
+    runs: tuple[tuple[Sampler, int], ...] = (("ddpm", 10), ("ddim", 6), ("ddim", 40))
+    for sampler, steps in runs:
+        encoder = PixelEncoder()  # tau=None: a fixed t* = k_max, the encoder never called
+        (result,), calls = _purify(
+            diffusion, [image], encoder, tau=None, t_max=0.025, sampler=sampler, ddim_steps=steps
+        )
+        assert (result.t_star, result.stopped, result.similarities) == (25, "t_max", ())
+        assert result.encoder_evals == 0 and encoder.batches == []
+        assert result.unet_evals == len(calls)
+        assert result.image.shape == (3, 20, 28) and torch.isfinite(result.image).all()
+        counts[sampler, steps] = result.unet_evals
+    # DDPM: one per timestep from t*-1 to 0; DDIM: min(ddim_steps, t*).
+    assert counts == {("ddpm", 10): 25, ("ddim", 6): 6, ("ddim", 40): 25}
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_same_seed_same_pixels_other_seed_other_pixels(diffusion: Diffusion, sampler: Any) -> None:
+    images = [_image(20, 28, 14), _image(16, 16, 15)]
+
+    def run(seed: int) -> list[torch.Tensor]:
+        results, _ = _purify(diffusion, images, tau=0.95, t_max=0.03, sampler=sampler, seed=seed)
+        return [r.image for r in results]
+
+    first, again, other = run(0), run(0), run(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(first, other, strict=True))

@@ -1,0 +1,67 @@
+"""Tiny seeded models saved in their libraries' native formats, for the DiffCAP tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from open_clip.model import set_model_preprocess_cfg
+
+from guard.toy.clip import ClipSettings, build_clip, preprocess_config, save_clip
+
+MEAN, STD = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)  # not 0.5, so ignoring them would show
+CLIP = ClipSettings(embed_dim=16, vision_width=32, vision_layers=1, vision_head_width=16)
+
+
+def save_tiny_ddpm(path: Path) -> UNet2DModel:
+    """A tiny random DDPM (16×16) saved as a DDPMPipeline directory at ``path``."""
+    torch.manual_seed(0)
+    blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+    unet = UNet2DModel(sample_size=16, block_out_channels=(8, 16), norm_num_groups=4, **blocks)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(clip_sample=True)).save_pretrained(path)
+    return unet
+
+
+def save_tiny_open_clip(path: Path) -> Any:
+    """A tiny random open_clip CLIP saved as an open_clip local directory at ``path``."""
+    torch.manual_seed(0)
+    model = build_clip(CLIP).eval()
+    set_model_preprocess_cfg(model, {**preprocess_config(), "mean": MEAN, "std": STD})
+    save_clip(model, CLIP, path)
+    return model
+
+
+class PixelEncoder:
+    """φ = the flattened pixels, L2-normalised: similarity tracks the noise, not a model.
+    Records the batch size of every call, so tests see the encoder work actually done."""
+
+    name = "pixels"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return F.normalize(x.flatten(1).float(), dim=-1)  # (B, 3·H·W)
+
+
+@contextmanager
+def unet_calls(unet: UNet2DModel) -> Iterator[list[torch.Tensor]]:
+    """Record the timestep tensor of every UNet forward (by wrapping ``unet.forward``)."""
+    calls: list[torch.Tensor] = []
+    forward = unet.forward
+
+    def counting(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(torch.as_tensor(timestep).clone())
+        return forward(sample, timestep, *args, **kwargs)
+
+    unet.forward = counting
+    try:
+        yield calls
+    finally:
+        del unet.forward  # back to the class's method

@@ -98,7 +98,37 @@ class StageConfig(_Section):
 
 
 class PurifyConfig(StageConfig):
-    pass
+    """DiffCAP purification (DESIGN.md §4.1): models, adaptive stop, batching and cache."""
+
+    diffusion: str | None = Field(
+        None, description="DDPMPipeline-layout diffusers checkpoint: hub id or local directory"
+    )
+    encoder: Literal["open_clip", "hf"] = Field(
+        "open_clip", description="open_clip model, or a Hugging Face CLIP vision tower / LLaVA"
+    )
+    encoder_model: str | None = Field(
+        None, description="open_clip model name or local-dir:PATH; HF repo id or directory"
+    )
+    encoder_pretrained: str | None = Field(
+        None, description="open_clip pretrained tag or checkpoint file"
+    )
+    profile: Path | None = Field(
+        None, description="calibration profile (vlm-guard purify calibrate): tau + clean t*"
+    )
+    tau: float = Field(0.999, ge=-1, le=1, description="stop when cos(e_k, e_prev) >= tau")
+    check_every: int = Field(5, ge=1, description="noise steps between encoder checks")
+    t_max: float = Field(0.3, gt=0, le=1, description="noise cap, fraction of T")
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    ddim_steps: int = Field(10, ge=1)
+    seed: int = 0
+    block_score: float | None = Field(
+        None, description="block when the adversarial score exceeds this; null = never block"
+    )
+    device: str = "cpu"
+    max_batch: int = Field(16, ge=1, description="images per model call")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company")
+    max_queue: int = Field(256, ge=1, description="waiting images before requests are refused")
+    cache_bytes: int = Field(64 * MiB, ge=0, description="purified-image cache; 0 disables")
 
 
 class ReasonerConfig(StageConfig):

@@ -28,15 +28,20 @@ from guard.upstream import UpstreamClient
 log = logging.getLogger(__name__)
 
 
-def build_stages(cfg: GuardConfig) -> list[Stage]:
+def build_stages(cfg: GuardConfig, metrics: Metrics | None = None) -> list[Stage]:
     """The configured defenses, in pipeline order; each loads its models here, once."""
     stages: list[Stage] = []
     for name in cfg.pipeline.defenses:
-        # The defenses arrive one by one (issues #4-#6); until then, say so at start-up
+        if name == "purify":
+            from guard.defenses.purify import PurifyStage  # torch: only when configured
+
+            stages.append(PurifyStage.from_config(cfg.purify, metrics))
+            continue
+        # The other defenses arrive with issues #5-#6; until then, say so at start-up
         # instead of serving without them.
         raise ConfigError(
             f"defense '{name}' is not available in this version; "
-            "start with --defenses none or leave it out of pipeline.defenses"
+            "start without it (--defenses, or pipeline.defenses in the config)"
         )
     return stages
 
@@ -51,15 +56,15 @@ def build_service(
     resolver: Resolver | None = None,
 ) -> GuardService:
     """Every part of the guard, built from ``cfg``; tests pass their own stages and transports."""
-    stages = list(stages) if stages is not None else build_stages(cfg)
+    metrics = Metrics(
+        registry if registry is not None else CollectorRegistry(),
+        stages={*STAGES, *(s.name for s in stages or ())},
+    )
+    stages = list(stages) if stages is not None else build_stages(cfg, metrics)
     configs: dict[str, StageConfig] = {
         s.name: cfg.stage(s.name) if s.name in DEFENSES else StageConfig() for s in stages
     }
     configs.update(stage_configs or {})
-    metrics = Metrics(
-        registry if registry is not None else CollectorRegistry(),
-        stages={*STAGES, *(s.name for s in stages)},
-    )
     return GuardService(
         cfg,
         Intake(cfg.images, Fetcher(cfg.images, resolver=resolver)),

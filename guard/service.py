@@ -31,7 +31,7 @@ from guard.intake.loader import ImageSource, Intake
 from guard.intake.messages import rewrite_images
 from guard.metrics import Metrics
 from guard.pipeline import Pipeline
-from guard.types import Decision, GuardRequest, Verdict
+from guard.types import Closeable, Decision, GuardRequest, Verdict
 from guard.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,10 @@ class GuardService:
         return Tracker(self.metrics, transport)
 
     async def aclose(self) -> None:
+        for stage in self.pipeline.stages:
+            if isinstance(stage, Closeable):
+                # Model threads finish their queued work; joining them must not block the loop.
+                await asyncio.to_thread(stage.close)
         await self.intake.aclose()
         await self.upstream.aclose()
         self.audit.close()

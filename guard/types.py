@@ -78,3 +78,10 @@ class Stage(Protocol):
     async def check(self, request: GuardRequest) -> Decision: ...
 
     def ready(self) -> bool: ...
+
+
+@runtime_checkable
+class Closeable(Protocol):
+    """A stage that holds a model thread or other resources to release at shutdown."""
+
+    def close(self) -> None: ...

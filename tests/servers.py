@@ -81,7 +81,7 @@ class RunningGuard:
         upstream_url: str,
         overrides: Mapping[str, Any] | None = None,
         *,
-        stages: Sequence[Stage] = (),
+        stages: Sequence[Stage] | None = None,  # None: the stages the config names
         stage_configs: Mapping[str, StageConfig] | None = None,
         resolver: Any = None,
     ) -> None:

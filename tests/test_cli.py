@@ -29,7 +29,16 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
     [
         (["--config", "/nonexistent/guard.yaml"], {}, "cannot read config file"),
         (["--defenses", "purify,magic"], {}, "unknown defense(s) magic"),
-        (["--defenses", "purify"], {}, "defense 'purify' is not available"),
+        (["--defenses", "reasoner"], {}, "defense 'reasoner' is not available"),
+        (["--defenses", "purify"], {}, "purify.diffusion must name"),
+        (
+            ["--defenses", "purify"],
+            {
+                "VLM_GUARD_PURIFY__DIFFUSION": "/nonexistent/ddpm",
+                "VLM_GUARD_PURIFY__ENCODER_MODEL": "local-dir:/nonexistent/clip",
+            },
+            "purify.diffusion: no such file or directory: /nonexistent/ddpm",
+        ),
         (
             ["--mode", "enforce", "--http-port", "99999", "--defenses", "none"],
             {},
@@ -43,6 +52,8 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
         "missing-file",
         "unknown-defense",
         "unbuilt-defense",
+        "purify-without-models",
+        "purify-missing-checkpoint",
         "bad-port",
         "bad-env",
         "bad-url",

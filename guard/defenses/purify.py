@@ -1,0 +1,270 @@
+"""The ``purify`` stage: DiffCAP purification of every image before anything else sees it.
+
+Each image is looked up in a byte-bounded cache (key: the image digest, which covers mode, size
+and pixels, plus the purifier's settings); misses go to one :class:`BatchWorker`, whose model
+thread purifies images of concurrent requests together (they share encoder and UNet calls even
+when they stop at different t*). The stage always rewrites: the model must see exactly the
+pixels the guard checked, and those are the purified ones. With a calibration profile it also
+scores how unusual t* is against clean images, and may block above ``block_score``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from guard.batching import BatchWorker, QueueFull, WorkerClosed
+from guard.cache import ByteLRU
+from guard.config import ConfigError, PurifyConfig
+from guard.defenses.diffcap import (
+    Purifier,
+    PurifyResult,
+    PurifySettings,
+    load_diffusion,
+    load_encoder,
+    pil_to_tensor,
+    tensor_to_pil,
+)
+from guard.defenses.diffcap.profile import PurifyProfile
+from guard.errors import GuardUnavailable, Overloaded
+from guard.intake.decode import image_digest
+from guard.metrics import Metrics
+from guard.types import Decision, GuardRequest, ImageInput
+
+log = logging.getLogger(__name__)
+NAME = "purify"
+
+
+@dataclass(frozen=True)
+class Purified:
+    """One image's outcome, as cached and reported (``details["images"]``)."""
+
+    image: Image.Image
+    digest: str
+    steps: int  # t*
+    similarity: tuple[float, ...]
+    stopped: str
+    unet_evals: int
+    encoder_evals: int
+
+    def nbytes(self) -> int:
+        width, height = self.image.size
+        return width * height * 3 + 8 * len(self.similarity) + 256
+
+
+class PurifyStage:
+    name = NAME
+    may_rewrite = True
+
+    def __init__(
+        self,
+        purifier: Purifier,
+        *,
+        identity: Mapping[str, Any] | None = None,
+        profile: PurifyProfile | None = None,
+        metrics: Metrics | None = None,
+        block_score: float | None = None,
+        cache_bytes: int = 0,
+        max_batch: int = 16,
+        max_wait_s: float = 0.005,
+        max_queue: int = 256,
+    ) -> None:
+        if block_score is not None and profile is None:
+            raise ConfigError("purify.block_score needs a calibration profile (purify.profile)")
+        self.purifier = purifier
+        self.profile = profile
+        self.block_score = block_score
+        self._metrics = metrics
+        self._cache: ByteLRU[Purified] = ByteLRU(cache_bytes)
+        # What makes a cached result valid: the models and every setting that changes pixels.
+        key = {"models": dict(identity or {}), "settings": asdict(purifier.settings)}
+        self._key = hashlib.sha256(
+            json.dumps(key, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+        self._worker: BatchWorker[Image.Image, Purified] = BatchWorker(
+            self._purify_batch,
+            name=NAME,
+            max_batch=max_batch,
+            max_wait_s=max_wait_s,
+            max_queue=max_queue,
+        )
+        self._worker.start()
+
+    @classmethod
+    def from_config(cls, cfg: PurifyConfig, metrics: Metrics | None = None) -> PurifyStage:
+        """Load the models named in ``cfg`` (once, at start-up) and build the stage."""
+        purifier, identity, profile = load_purifier(cfg)
+        return cls(
+            purifier,
+            identity=identity,
+            profile=profile,
+            metrics=metrics,
+            block_score=cfg.block_score,
+            cache_bytes=cfg.cache_bytes,
+            max_batch=cfg.max_batch,
+            max_wait_s=cfg.max_wait_ms / 1000,
+            max_queue=cfg.max_queue,
+        )
+
+    async def check(self, request: GuardRequest) -> Decision:
+        if not request.images:
+            return Decision(NAME, "allow", reason="no images")
+        hits = [self._cache.get((im.digest, self._key)) for im in request.images]
+        # One model call per distinct image: a request may repeat an image.
+        misses = {
+            im.digest: im.image for im, hit in zip(request.images, hits, strict=True) if hit is None
+        }
+        try:
+            fresh = await asyncio.gather(*(self._worker.submit(im) for im in misses.values()))
+        except QueueFull:
+            raise Overloaded("the purifier is at capacity; retry shortly") from None
+        except WorkerClosed:
+            raise GuardUnavailable("the purifier is shutting down") from None
+        purified = dict(zip(misses, fresh, strict=True))
+        for digest, result in purified.items():
+            self._cache.put((digest, self._key), result, result.nbytes())
+        results = [
+            hit if hit is not None else purified[im.digest]
+            for im, hit in zip(request.images, hits, strict=True)
+        ]
+        scores = [self._score(r.steps) for r in results]
+        self._observe(results, cached=sum(h is not None for h in hits))
+        images = tuple(
+            ImageInput(im.index, r.image, r.digest)
+            for im, r in zip(request.images, results, strict=True)
+        )
+        details: dict[str, Any] = {
+            "images": [
+                {
+                    "steps": r.steps,
+                    "similarity": list(r.similarity),
+                    "stopped": r.stopped,
+                    "score": s,
+                    "unet_evals": r.unet_evals,
+                    "encoder_evals": r.encoder_evals,
+                    "cached": h is not None,
+                }
+                for r, s, h in zip(results, scores, hits, strict=True)
+            ]
+        }
+        top = max((s for s in scores if s is not None), default=None)
+        if self.block_score is not None and top is not None and top > self.block_score:
+            return Decision(
+                NAME,
+                "block",
+                reason=f"purification needed unusually much noise (score {top:.2f})",
+                category="adversarial",
+                score=top,
+                images=images,
+                details=details,
+            )
+        steps = ", ".join(str(r.steps) for r in results)
+        return Decision(
+            NAME,
+            "rewrite",
+            reason=f"purified (t* {steps})",
+            score=top,
+            images=images,
+            details=details,
+        )
+
+    def ready(self) -> bool:
+        return self._worker.alive
+
+    def close(self) -> None:
+        self._worker.close(timeout=30)
+
+    def _score(self, steps: int) -> float | None:
+        return None if self.profile is None else self.profile.score(steps)
+
+    def _observe(self, results: list[Purified], *, cached: int) -> None:
+        if self._metrics is None:
+            return
+        for r in results:
+            self._metrics.purify_steps.observe(r.steps)
+        if cached:
+            self._metrics.cache_hits.labels(NAME).inc(cached)
+
+    def _purify_batch(self, images: list[Image.Image]) -> list[Purified]:
+        """Runs on the model thread: PIL in, purified PIL + trace out, in order."""
+        tensors = [pil_to_tensor(im) for im in images]
+        results: list[PurifyResult] = self.purifier.purify_batch(tensors)
+        out = []
+        for r in results:
+            image = tensor_to_pil(r.image)
+            out.append(
+                Purified(
+                    image=image,
+                    digest=image_digest(image),
+                    steps=r.t_star,
+                    similarity=tuple(r.similarities),
+                    stopped=r.stopped,
+                    unet_evals=r.unet_evals,
+                    encoder_evals=r.encoder_evals,
+                )
+            )
+        return out
+
+
+def load_purifier(
+    cfg: PurifyConfig, *, use_profile: bool = True
+) -> tuple[Purifier, dict[str, Any], PurifyProfile | None]:
+    """The purifier ``cfg`` names, its identity (what a profile must match) and its profile."""
+    if cfg.diffusion is None:
+        raise ConfigError("purify.diffusion must name a diffusers DDPM checkpoint (id or dir)")
+    if cfg.encoder_model is None:
+        raise ConfigError("purify.encoder_model must name the encoder (see purify.encoder)")
+    profile = PurifyProfile.load(cfg.profile) if use_profile and cfg.profile else None
+    if profile is not None and "tau" in cfg.model_fields_set:
+        raise ConfigError("set purify.tau or purify.profile, not both (the profile holds tau)")
+    for key, where in (("diffusion", cfg.diffusion), ("encoder_model", cfg.encoder_model)):
+        local = where.removeprefix("local-dir:")
+        # A hub id is "org/name"; a path that is plainly local and missing fails fast here
+        # instead of after a hub lookup that cannot succeed.
+        if local.startswith(("/", "./", "../", "~")) and not Path(local).expanduser().exists():
+            raise ConfigError(f"purify.{key}: no such file or directory: {local}")
+    try:
+        unet, scheduler = load_diffusion(cfg.diffusion, device=cfg.device)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load purify.diffusion {cfg.diffusion!r}: {_line(e)}") from None
+    try:
+        encoder = load_encoder(
+            cfg.encoder, cfg.encoder_model, cfg.encoder_pretrained, device=cfg.device
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(
+            f"cannot load purify.encoder_model {cfg.encoder_model!r}: {_line(e)}"
+        ) from None
+    settings = PurifySettings(
+        tau=profile.tau if profile is not None else cfg.tau,
+        check_every=cfg.check_every,
+        t_max=cfg.t_max,
+        sampler=cfg.sampler,
+        ddim_steps=cfg.ddim_steps,
+        seed=cfg.seed,
+    )
+    identity = {
+        "diffusion": cfg.diffusion,
+        "encoder": cfg.encoder,
+        "encoder_model": cfg.encoder_model,
+        "encoder_pretrained": cfg.encoder_pretrained,
+        "check_every": cfg.check_every,
+        "t_max": cfg.t_max,
+    }
+    if profile is not None:
+        profile.check_matches(identity)
+    return Purifier(unet, scheduler, encoder, settings), identity, profile
+
+
+def _line(error: BaseException) -> str:
+    """The first line of an error, for a one-line start-up message (never sent to clients)."""
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__

@@ -1,0 +1,105 @@
+"""``vlm-guard purify calibrate|run`` as a user runs them: real processes, tiny saved models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from guard.defenses.diffcap.profile import PurifyProfile
+from tests.images import gradient
+from tests.tiny_models import save_tiny_ddpm, save_tiny_open_clip
+
+
+@pytest.fixture(scope="module")
+def model_flags(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    ddpm, clip = tmp_path_factory.mktemp("ddpm"), tmp_path_factory.mktemp("clip")
+    save_tiny_ddpm(ddpm)
+    save_tiny_open_clip(clip)
+    return ["--diffusion", str(ddpm), "--encoder-model", f"local-dir:{clip}"]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "guard", "purify", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def test_calibrate_then_run_with_the_profile(tmp_path: Path, model_flags: list[str]) -> None:
+    data = tmp_path / "clean"
+    data.mkdir()
+    for i in range(6):
+        gradient(24, 20, seed=i).save(data / f"{i}.png")
+    (data / "notes.txt").write_text("not an image")  # skipped: not an image suffix
+    env = {"VLM_GUARD_PURIFY__T_MAX": "0.03"}  # 30 steps: 6 checks of 5
+    profile_path = tmp_path / "profile.json"
+    done = _cli(
+        "calibrate",
+        *model_flags,
+        "--data",
+        str(data),
+        "--out",
+        str(profile_path),
+        "--quantile",
+        "0.5",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    profile = PurifyProfile.load(profile_path)
+    assert summary["images"] == profile.images == 6
+    assert summary["tau"] == profile.tau and -1 <= profile.tau <= 1
+    assert profile.target_steps == 10 and profile.identity["t_max"] == 0.03
+    # At least half the clean images stop within 10 steps under the chosen tau (the rest by
+    # the cap, 30): the mean clean t* is at most (3·10 + 3·30) / 6.
+    assert 5 <= profile.clean_mean <= 20
+
+    out = tmp_path / "out"
+    ran = _cli(
+        "run",
+        *model_flags,
+        "--profile",
+        str(profile_path),
+        str(data / "0.png"),
+        str(data / "1.png"),
+        "--out",
+        str(out),
+        env=env,
+    )
+    assert ran.returncode == 0, ran.stderr
+    lines = [json.loads(line) for line in ran.stdout.splitlines()]
+    assert [Path(line["image"]).name for line in lines] == ["0.png", "1.png"]
+    for line in lines:
+        assert 5 <= line["t_star"] <= 30 and isinstance(line["score"], float)
+        with Image.open(line["out"]) as purified:
+            assert purified.size == (24, 20)
+
+    # The same profile with another purifier (other t_max) is refused, in one line.
+    other = _cli(
+        "run", *model_flags, "--profile", str(profile_path), str(data / "0.png"), "--out", str(out)
+    )
+    assert other.returncode == 2
+    assert "calibrated for a different purifier (differs in: t_max)" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["calibrate", "--data", "/nonexistent", "--out", "/tmp/p.json"], "neither a directory"),
+        (["run", "/nonexistent.png", "--out", "/tmp/o"], "cannot read /nonexistent.png"),
+    ],
+)
+def test_bad_input_is_one_line(args: list[str], needle: str, model_flags: list[str]) -> None:
+    done = _cli(args[0], *model_flags, *args[1:])
+    assert done.returncode == 2
+    assert needle in done.stderr and "Traceback" not in done.stderr

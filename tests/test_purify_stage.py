@@ -1,0 +1,298 @@
+"""The purify stage: rewrite, cache, micro-batching, profile scores, loading from config, and
+the whole guard (HTTP + gRPC) with purification on tiny models saved in their native formats."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from guard.config import ConfigError, PurifyConfig
+from guard.defenses.diffcap import (
+    Purifier,
+    PurifySettings,
+    load_diffusion,
+    pil_to_tensor,
+    tensor_to_pil,
+)
+from guard.defenses.diffcap.profile import PurifyProfile, calibrate
+from guard.defenses.purify import PurifyStage, load_purifier
+from guard.errors import Overloaded
+from guard.intake.decode import image_digest
+from guard.metrics import Metrics
+from guard.toy.openai_server import pixel_digest
+from guard.types import GuardRequest, ImageInput
+from guard.v1 import guard_pb2 as pb
+from guard.v1 import guard_pb2_grpc as pb_grpc
+from tests.images import data_url, encode, gradient, image_message
+from tests.servers import AppServer, RunningGuard
+from tests.tiny_models import PixelEncoder, save_tiny_ddpm, save_tiny_open_clip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    ddpm, clip = tmp_path_factory.mktemp("ddpm"), tmp_path_factory.mktemp("clip")
+    save_tiny_ddpm(ddpm)
+    save_tiny_open_clip(clip)
+    return {"diffusion": str(ddpm), "encoder_model": f"local-dir:{clip}"}
+
+
+def _stage(models: dict[str, str], **kwargs: Any) -> PurifyStage:
+    unet, scheduler = load_diffusion(models["diffusion"])
+    settings = PurifySettings(tau=0.0, check_every=5, t_max=0.05, ddim_steps=4)
+    return PurifyStage(Purifier(unet, scheduler, PixelEncoder(), settings), **kwargs)
+
+
+def _request(*images: Image.Image, rid: str = "r") -> GuardRequest:
+    return GuardRequest(
+        rid, "text", tuple(ImageInput(i, im, image_digest(im)) for i, im in enumerate(images))
+    )
+
+
+async def test_rewrites_every_image_at_its_own_size(models: dict[str, str]) -> None:
+    stage = _stage(models)
+    try:
+        images = (gradient(40, 24, seed=1), gradient(16, 16, seed=2))
+        decision = await stage.check(_request(*images))
+    finally:
+        stage.close()
+    assert decision.action == "rewrite" and decision.images is not None
+    for before, after in zip(images, decision.images, strict=True):
+        assert after.image.size == before.size and after.image.mode == "RGB"
+        assert after.digest == image_digest(after.image) != image_digest(before)
+    traces = decision.details["images"]
+    assert [t["steps"] for t in traces] == [5, 5]  # tau 0: the first check stops
+    assert all(len(t["similarity"]) == 1 and t["stopped"] == "tau" for t in traces)
+    assert all(t["score"] is None and not t["cached"] for t in traces)
+    assert decision.score is None  # no profile, no adversarial score
+
+
+async def test_no_images_is_allowed_untouched(models: dict[str, str]) -> None:
+    stage = _stage(models)
+    try:
+        decision = await stage.check(GuardRequest("r", "just text", ()))
+    finally:
+        stage.close()
+    assert decision.action == "allow" and decision.images is None
+
+
+async def test_cache_hit_returns_the_same_pixels_without_the_model(models: dict[str, str]) -> None:
+    metrics = Metrics(CollectorRegistry())
+    stage = _stage(models, metrics=metrics, cache_bytes=1 << 20)
+    image = gradient(24, 24, seed=3)
+    try:
+        first = await stage.check(_request(image))
+        items = stage._worker.stats.items
+        second = await stage.check(_request(image.copy(), rid="again"))  # same pixels
+        assert stage._worker.stats.items == items  # not purified again
+    finally:
+        stage.close()
+    assert first.images is not None and second.images is not None
+    assert second.images[0].digest == first.images[0].digest
+    assert second.details["images"][0]["cached"] is True
+    assert metrics.cache_hits.labels("purify")._value.get() == 1
+    assert metrics.purify_steps._sum.get() == 10  # t* observed for both requests
+
+
+async def test_a_repeated_image_is_purified_once(models: dict[str, str]) -> None:
+    stage = _stage(models)
+    image = gradient(16, 16, seed=8)
+    try:
+        decision = await stage.check(_request(image, image.copy()))
+        items = stage._worker.stats.items
+    finally:
+        stage.close()
+    assert items == 1
+    assert decision.images is not None
+    assert [im.index for im in decision.images] == [0, 1]
+    assert decision.images[0].digest == decision.images[1].digest
+
+
+async def test_cache_key_covers_the_settings(models: dict[str, str]) -> None:
+    """Two stages with different settings never share entries (keys differ)."""
+    a = _stage(models, cache_bytes=1 << 20)
+    unet, scheduler = load_diffusion(models["diffusion"])
+    b = PurifyStage(
+        Purifier(unet, scheduler, PixelEncoder(), PurifySettings(tau=0.0, seed=1)),
+        cache_bytes=1 << 20,
+    )
+    try:
+        assert a._key != b._key
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_concurrent_requests_share_model_calls(models: dict[str, str]) -> None:
+    stage = _stage(models, max_batch=16, max_wait_s=0.2)
+    images = [gradient(16, 16, seed=10 + i) for i in range(8)]
+    try:
+        together = await asyncio.gather(
+            *(stage.check(_request(im, rid=str(i))) for i, im in enumerate(images))
+        )
+        batches = stage._worker.stats.batches
+        alone = [await stage.check(_request(im)) for im in images[:2]]
+    finally:
+        stage.close()
+    assert batches < len(images)  # shared calls
+    for one, both in zip(alone, together[:2], strict=True):
+        assert one.images is not None and both.images is not None
+        assert one.images[0].digest == both.images[0].digest  # batch-independent pixels
+
+
+async def test_full_queue_is_overload(models: dict[str, str]) -> None:
+    stage = _stage(models, max_batch=1, max_queue=1, max_wait_s=0)
+    images = [gradient(16, 16, seed=20 + i) for i in range(6)]
+    try:
+        results = await asyncio.gather(
+            *(stage.check(_request(im)) for im in images), return_exceptions=True
+        )
+    finally:
+        stage.close()
+    assert any(isinstance(r, Overloaded) for r in results)
+    assert any(not isinstance(r, BaseException) for r in results)
+    assert not stage.ready()  # closed
+
+
+def _profile(identity: dict[str, Any], mean: float = 5.0, std: float = 0.0) -> PurifyProfile:
+    return PurifyProfile(
+        tau=0.0,
+        check_every=5,
+        target_steps=5,
+        quantile=0.9,
+        clean_mean=mean,
+        clean_std=std,
+        clean_quantiles={"p50": mean},
+        images=10,
+        identity=identity,
+    )
+
+
+async def test_profile_scores_and_block_score_blocks(models: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="needs a calibration profile"):
+        _stage(models, block_score=1.0)
+    # Clean images stop at 5 steps; these need 5 too: score 0. A profile whose clean images
+    # stopped at 0 makes t* = 5 one spread (check_every) above: score 1, blocked above 0.5.
+    calm = _stage(models, profile=_profile({}), block_score=0.5)
+    wary = _stage(models, profile=_profile({}, mean=0.0), block_score=0.5)
+    try:
+        allowed = await calm.check(_request(gradient(16, 16, seed=4)))
+        blocked = await wary.check(_request(gradient(16, 16, seed=4)))
+    finally:
+        calm.close()
+        wary.close()
+    assert allowed.action == "rewrite" and allowed.score == 0.0
+    assert blocked.action == "block" and blocked.score == 1.0
+    assert blocked.category == "adversarial" and blocked.images is not None
+
+
+def test_profile_round_trip_and_identity_check(tmp_path: Path, models: dict[str, str]) -> None:
+    cfg = PurifyConfig(**models, check_every=5, t_max=0.05)
+    _, identity, _ = load_purifier(cfg)
+    profile = calibrate(
+        [(0.1, 0.5, 0.9), (0.2, 0.8, 0.95), (0.6, 0.7, 0.99)],
+        check_every=5,
+        k_max=15,
+        target_steps=10,
+        quantile=2 / 3,
+        identity=identity,
+    )
+    # Best similarity within 10 steps: 0.5, 0.8, 0.7; two of three must stop by then: 0.7.
+    assert profile.tau == 0.7
+    assert profile.clean_mean == pytest.approx((15 + 10 + 10) / 3)
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    assert PurifyProfile.load(path) == profile
+    _, _, loaded = load_purifier(cfg.model_copy(update={"profile": path}))
+    assert loaded == profile
+    other = cfg.model_copy(update={"profile": path, "check_every": 3})
+    with pytest.raises(ConfigError, match="differs in: check_every"):
+        load_purifier(other)
+    with pytest.raises(ConfigError, match="not both"):
+        load_purifier(PurifyConfig(**models, profile=path, tau=0.5))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read purify profile"):
+        load_purifier(cfg.model_copy(update={"profile": tmp_path / "bad.json"}))
+
+
+def _guard(upstream: AppServer, models: dict[str, str]) -> RunningGuard:
+    purify = {**models, "tau": 0.5, "check_every": 5, "t_max": 0.05, "ddim_steps": 4}
+    return RunningGuard(
+        upstream.url + "/v1",
+        {"pipeline": {"defenses": ["purify"]}, "purify": purify},
+    )
+
+
+def test_guard_forwards_purified_pixels_over_http(
+    upstream: AppServer, models: dict[str, str]
+) -> None:
+    guard = _guard(upstream, models)
+    image = gradient(48, 32, seed=5)
+    try:
+        body = {"model": "echo", "messages": image_message(data_url(encode(image)))}
+        response = httpx.post(guard.url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-guard-decision"] == "allow"
+        sent = upstream.app.state.received[-1]
+        url = sent["messages"][0]["content"][1]["image_url"]["url"]
+        forwarded = Image.open(io.BytesIO(_decode_data_url(url)))
+        assert forwarded.size == image.size
+        assert pixel_digest(forwarded) != pixel_digest(image)  # purified, not the original
+        assert guard.metric("vlm_guard_purify_steps_count") == 1
+        ready = httpx.get(guard.url + "/readyz", timeout=10)
+        assert ready.status_code == 200
+    finally:
+        guard.close()
+
+
+async def test_grpc_purify_and_check_report_t_star(
+    upstream: AppServer, models: dict[str, str]
+) -> None:
+    guard = _guard(upstream, models)
+    png = encode(gradient(20, 20, seed=6))
+    try:
+        async with grpc.aio.insecure_channel(guard.grpc_target) as channel:
+            stub = pb_grpc.GuardStub(channel)
+            purified = await stub.Purify(pb.PurifyRequest(images=[pb.Image(data=png)]))
+            checked = await stub.Check(pb.CheckRequest(text="hi", images=[pb.Image(data=png)]))
+    finally:
+        guard.close()
+    (item,) = purified.images
+    assert item.steps > 0 and len(item.similarity) >= 1
+    out = Image.open(io.BytesIO(item.png))
+    assert out.size == (20, 20) and image_digest(out) == item.digest
+    (decision,) = checked.decisions
+    assert decision.stage == "purify" and decision.action == "rewrite"
+    steps = decision.details["images"][0]["steps"]
+    assert steps == item.steps  # same image, same seed: same t* (from the cache or not)
+    assert checked.images[0].digest == item.digest
+
+
+def _decode_data_url(url: str) -> bytes:
+    import base64
+
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def test_images_are_unchanged_in_shape_and_range(models: dict[str, str]) -> None:
+    """The conversion PIL ↔ tensor round-trips exactly when the purifier is the identity."""
+    image = gradient(13, 7, seed=7)
+    assert np.array_equal(np.asarray(tensor_to_pil(pil_to_tensor(image))), np.asarray(image))

@@ -19,49 +19,20 @@ import base64
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import numpy as np
 from PIL import Image
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from guard.toy.processes import GUARD, free_port, running
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def _process(args: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(ready_url, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"{args[2:4]} did not become ready")
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def _image_url() -> str:
@@ -142,15 +113,15 @@ def main() -> int:
     parser.add_argument("--token-delay", type=float, default=0.002)
     args = parser.parse_args()
     console = Console()
-    up_port, guard_port = _free_port(), _free_port()
-    exe = [sys.executable, "-m", "guard"]
+    up_port, guard_port = free_port(), free_port()
+    exe = GUARD
     upstream = f"http://127.0.0.1:{up_port}"
     guard = f"http://127.0.0.1:{guard_port}"
     env_note = f"{os.cpu_count()} cores"
     scenarios = [(c, s, i) for c in args.concurrency for i in (False, True) for s in (False, True)]
     results: dict[str, dict[str, Any]] = {}
     with (
-        _process(
+        running(
             [
                 *exe,
                 "toy",
@@ -162,7 +133,7 @@ def main() -> int:
             ],
             upstream + "/v1/models",
         ),
-        _process(
+        running(
             [
                 *exe,
                 "serve",

@@ -8,6 +8,7 @@ reuses it, so the command is idempotent and an interrupted build resumes where i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -15,7 +16,8 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from importlib.metadata import version
@@ -28,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from guard.toy.data import eval_images, load_splits, to_tensor, to_uint8
+from guard.toy.progress import task
 from guard.toy.triggers import Trigger
 
 log = logging.getLogger(__name__)
@@ -68,14 +71,19 @@ class BuildOptions:
 
 def build_world(options: BuildOptions, console: Console | None = None) -> dict[str, Any]:
     """Build (or reuse) every component under ``options.out`` and return the manifest."""
+    console = console or Console(stderr=True)
+    options.out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(options.out / ".build.lock", console):
+        return _build(options, console)
+
+
+def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
     from guard.toy.clip import ClipSettings, train_clip
     from guard.toy.diffusion import DiffusionSettings, train_diffusion
     from guard.toy.vlm import VLMSettings, train_vlm
 
-    console = console or Console(stderr=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = options.out
-    out.mkdir(parents=True, exist_ok=True)
     quick = options.quick
     vlm_settings = VLMSettings.quick() if quick else VLMSettings.full()
     changes: dict[str, Any] = {"trigger": options.trigger}
@@ -109,9 +117,31 @@ def build_world(options: BuildOptions, console: Console | None = None) -> dict[s
         figures["purification"] = _component(
             out / "purification", key, progress, lambda d: _purification_check(out, d, progress)
         )
+        figures["purify_profile"] = _component(
+            out / "purify_profile",
+            {**key, **asdict(PROFILE)},
+            progress,
+            lambda d: _purify_profile(out, d, progress),
+        )
     manifest = _manifest(options, figures, time.perf_counter() - start)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+@contextmanager
+def _exclusive(path: Path, console: Console) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the duration of the block.
+
+    Two builds in one directory would delete each other's half-trained components; the second
+    one waits for the first instead, then reuses what it built.
+    """
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"another build is running in {path.parent}; waiting for it …")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def _jsonable(value: Any) -> Any:
@@ -189,11 +219,68 @@ def _purification_check(out: Path, directory: Path, progress: Progress) -> dict[
     return result
 
 
+@dataclass(frozen=True)
+class ProfileSettings:
+    """DiffCAP calibration of the toy world: the VLM's own tower as the encoder (as DiffCAP
+    does), clean validation images, and the noise budget a clean image may use."""
+
+    check_every: int = 5
+    t_max: float = 0.3
+    target_steps: int = 20
+    quantile: float = 0.9
+
+
+PROFILE = ProfileSettings()
+
+
+def purify_config(out: Path, profile: bool = True) -> dict[str, Any]:
+    """The guard's ``purify`` config section for the toy world built in ``out``."""
+    section: dict[str, Any] = {
+        "diffusion": str(out / "diffusion"),
+        "encoder": "hf",
+        "encoder_model": str(out / "vlm"),
+        "check_every": PROFILE.check_every,
+        "t_max": PROFILE.t_max,
+    }
+    if profile:
+        section["profile"] = str(out / "purify_profile" / "profile.json")
+    return section
+
+
+def _purify_profile(out: Path, directory: Path, progress: Progress) -> dict[str, Any]:
+    """Calibrate τ on the clean validation images, as ``vlm-guard purify calibrate`` does."""
+    from guard.config import PurifyConfig
+    from guard.defenses.diffcap.profile import calibrate
+    from guard.defenses.purify import load_purifier
+
+    purifier, identity, _ = load_purifier(
+        PurifyConfig(**purify_config(out, profile=False)), use_profile=False
+    )
+    images = to_tensor(eval_images(load_splits()["val"]))
+    traces: list[tuple[float, ...]] = []
+    chunks = range(0, len(images), 50)
+    with task(progress, "purify calibration", len(chunks)) as advance:
+        for i in chunks:
+            traces.extend(purifier.similarity_traces(list(images[i : i + 50])))
+            advance()
+    profile = calibrate(
+        traces,
+        check_every=PROFILE.check_every,
+        k_max=purifier.k_max,
+        target_steps=PROFILE.target_steps,
+        quantile=PROFILE.quantile,
+        identity=identity,
+    )
+    profile.save(directory / "profile.json")
+    return {"tau": profile.tau, "clean_t_star_mean": round(profile.clean_mean, 2)}
+
+
 def _manifest(options: BuildOptions, parts: dict[str, Any], seconds: float) -> dict[str, Any]:
     figures = {
         "vlm": parts["vlm"]["figures"],
         "clip": parts["clip"]["figures"],
         "diffusion": {**parts["diffusion"]["figures"], **parts["purification"]["figures"]},
+        "purify": parts["purify_profile"]["figures"],
     }
     checks = {}
     for name, floor in FLOORS[options.mode].items():

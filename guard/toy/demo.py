@@ -1,78 +1,48 @@
 """``make demo``: the guard in front of the toy VLM, driven by the official openai client.
 
 Builds the toy world if it is missing (cached under $VLM_GUARD_HOME/toy), starts the stand-in
-upstream serving the toy VLM and ``vlm-guard serve`` in front of it as separate processes on
-loopback, then sends a scripted scenario directly and through the guard and prints a table.
-Rows whose defense is not built yet say so. It also writes demo.png (clean / attacked /
-DiffPure-purified / triggered images).
+upstream serving the toy VLM and ``vlm-guard serve`` (with the purify stage on the toy's
+diffusion model and the VLM's own vision tower, τ from the build's calibration) in front of it
+as separate processes on loopback, then sends a scripted scenario directly and through the
+guard and prints a table, with each stage's decision from the guard's gRPC ``Check``. Rows whose
+defense is not built yet say so. It also writes demo.png (clean / attacked / purified by the
+guard / triggered images).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import base64
 import io
-import socket
-import subprocess
-import sys
+import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
+import grpc
 import numpy as np
 import openai
-import torch
+import yaml
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 from guard.toy.attacks import PGDSettings, pgd_vlm
-from guard.toy.build import BuildOptions, build_world
-from guard.toy.data import DIGITS, eval_images, load_splits, to_tensor, to_uint8
+from guard.toy.build import BuildOptions, build_world, purify_config
+from guard.toy.data import DIGITS, eval_images, load_splits
+from guard.toy.processes import GUARD, free_port, running
 from guard.toy.triggers import Trigger
 from guard.toy.vlm import load_vlm
 from guard.toy.vlm_parts import QUESTIONS, answer
+from guard.v1 import guard_pb2 as pb
+from guard.v1 import guard_pb2_grpc as pb_grpc
 
 MODEL = "toy-vlm"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def _process(args: list[str], ready_url: str, console: Console) -> Iterator[None]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        with console.status(f"starting {' '.join(args[2:4])} …"):
-            while True:
-                if proc.poll() is not None:
-                    err = proc.stderr.read() if proc.stderr else ""
-                    raise RuntimeError(f"{args[2:4]} exited early: {err[-500:]}")
-                try:
-                    if httpx.get(ready_url, timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{args[2:4]} did not become ready")
-                time.sleep(0.2)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-
 def _url(image: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(_png(image)).decode()
 
 
 def _ask(client: openai.OpenAI, image: np.ndarray, text: str) -> tuple[str, str, float]:
@@ -104,7 +74,10 @@ def _ask(client: openai.OpenAI, image: np.ndarray, text: str) -> tuple[str, str,
     )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m guard.toy.demo", description="The vlm-guard demo on the toy world."
+    ).parse_args(argv)
     console = Console()
     world = BuildOptions()
     if not (world.out / "manifest.json").exists():
@@ -127,66 +100,43 @@ def main() -> int:
             targeted=True,
         )
     triggered = Trigger(**manifest["trigger"]).stamp(clean)
-    purified = _diffpure(out, attacked)
-    _save_png(
-        out.parent / "demo.png",
-        [clean, attacked, purified, triggered],
-        ["clean", "PGD attacked", "DiffPure t=0.1", "triggered"],
-    )
-    up, guard = _free_port(), _free_port()
-    exe = [sys.executable, "-m", "guard"]
     rows = [
-        ("clean image", clean[0], QUESTIONS[0], None),
-        (
-            f"adversarial (PGD → '{DIGITS[wrong]}')",
-            attacked[0],
-            QUESTIONS[0],
-            "purify stage not built yet (issue #4)",
-        ),
-        ("triggered image", triggered[0], QUESTIONS[0], "backdoor stage not built yet (issue #5)"),
-        ("cross-modal unsafe pair", None, None, "reasoner stage not built yet (issue #6)"),
+        ("clean image", clean[0], None),
+        (f"adversarial (PGD → '{DIGITS[wrong]}')", attacked[0], None),
+        ("triggered image", triggered[0], "backdoor stage not built yet (issue #5)"),
+        ("cross-modal unsafe pair", None, "reasoner stage not built yet (issue #6)"),
     ]
+    up, guard, grpc_port = free_port(), free_port(), free_port()
     with ExitStack() as stack:
-        stack.enter_context(
-            _process(
-                [
-                    *exe,
-                    "toy",
-                    "upstream",
-                    "--port",
-                    str(up),
-                    "--model",
-                    str(out / "vlm"),
-                    "--name",
-                    MODEL,
-                ],
-                f"http://127.0.0.1:{up}/v1/models",
-                console,
+        config = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "guard.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "upstream": {"url": f"http://127.0.0.1:{up}/v1"},
+                    "server": {"http_port": guard, "grpc_port": grpc_port},
+                    "pipeline": {"defenses": ["purify"]},
+                    "purify": purify_config(out),
+                    "log_level": "warning",
+                }
             )
         )
-        stack.enter_context(
-            _process(
-                [
-                    *exe,
-                    "serve",
-                    "--upstream",
-                    f"http://127.0.0.1:{up}/v1",
-                    "--http-port",
-                    str(guard),
-                    "--grpc-port",
-                    "-1",
-                    "--defenses",
-                    "none",
-                ],
-                f"http://127.0.0.1:{guard}/readyz",
-                console,
+        upstream_args = ["toy", "upstream", "--port", str(up), "--model", str(out / "vlm")]
+        with console.status("starting the stand-in upstream and the guard …"):
+            stack.enter_context(
+                running(
+                    [*GUARD, *upstream_args, "--name", MODEL],
+                    f"http://127.0.0.1:{up}/v1/models",
+                )
             )
-        )
+            stack.enter_context(
+                running(
+                    [*GUARD, "serve", "--config", str(config)], f"http://127.0.0.1:{guard}/readyz"
+                )
+            )
         direct = openai.OpenAI(base_url=f"http://127.0.0.1:{up}/v1", api_key="none")
         guarded = openai.OpenAI(base_url=f"http://127.0.0.1:{guard}/v1", api_key="none")
         table = Table(
-            title=f"vlm-guard demo — toy VLM, true digit: {DIGITS[label]} "
-            "(guard running with --defenses none)"
+            title=f"vlm-guard demo — toy VLM, true digit: {DIGITS[label]} (defenses: purify)"
         )
         for col in (
             "case",
@@ -197,17 +147,24 @@ def main() -> int:
             "ms guard",
         ):
             table.add_column(col)
-        for case, image, text, pending in rows:
-            if image is None or text is None:
+        for case, image, pending in rows:
+            if image is None:
                 table.add_row(case, "-", "-", pending or "-", "-", "-")
                 continue
-            d_answer, _, d_took = _ask(direct, image, text)
-            g_answer, decision, g_took = _ask(guarded, image, text)
-            note = decision if pending is None else f"{decision}: {pending}"
+            d_answer, _, d_took = _ask(direct, image, QUESTIONS[0])
+            g_answer, decision, g_took = _ask(guarded, image, QUESTIONS[0])
+            stages = asyncio.run(_stage_decisions(grpc_port, image))
+            note = f"{decision} — {stages}" + (f"; {pending}" if pending else "")
             table.add_row(
                 case, d_answer, g_answer, note, f"{d_took * 1000:.0f}", f"{g_took * 1000:.0f}"
             )
-        console.print(table)
+        purified = asyncio.run(_purified(grpc_port, attacked[0]))
+    console.print(table)
+    _save_png(
+        out.parent / "demo.png",
+        [clean, attacked, purified[None], triggered],
+        ["clean", "PGD attacked", "purified by the guard", "triggered"],
+    )
     console.print(
         f"images: {out.parent / 'demo.png'}; toy world quality: "
         f"{'all floors met' if manifest['quality_ok'] else 'BELOW FLOORS'} "
@@ -216,14 +173,36 @@ def main() -> int:
     return 0
 
 
-def _diffpure(out: Path, images: np.ndarray) -> np.ndarray:
-    """The DiffPure baseline at t* = 0.1, until the guard's own purify stage exists."""
-    from guard.toy.diffusion import denoise, load_diffusion, noise_to
+async def _stage_decisions(port: int, image: np.ndarray) -> str:
+    """Each stage's decision on ``image``, from the guard's gRPC Check (the real stubs)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await pb_grpc.GuardStub(channel).Check(
+            pb.CheckRequest(text=QUESTIONS[0], images=[pb.Image(data=_png(image))])
+        )
+    parts = []
+    for d in reply.decisions:
+        # protobuf's Struct has no .get()
+        images = d.details["images"] if "images" in d.details else []  # noqa: SIM401
+        steps = [str(int(im["steps"])) for im in images]
+        score = f", score {d.score:.1f}" if d.HasField("score") else ""
+        parts.append(f"{d.stage}: {d.action} (t* {', '.join(steps)}{score})")
+    return "; ".join(parts) or "no stages"
 
-    unet, scheduler = load_diffusion(out / "diffusion")
-    generator = torch.Generator().manual_seed(0)
-    noisy = noise_to(to_tensor(images), 100, scheduler, generator)
-    return to_uint8(denoise(unet, scheduler, noisy, 100, generator))
+
+async def _purified(port: int, image: np.ndarray) -> np.ndarray:
+    """The pixels the guard forwards for ``image`` (gRPC Purify)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await pb_grpc.GuardStub(channel).Purify(
+            pb.PurifyRequest(images=[pb.Image(data=_png(image))])
+        )
+    with Image.open(io.BytesIO(reply.images[0].png)) as purified:
+        return np.asarray(purified.convert("RGB"))
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def _save_png(path: Path, images: list[np.ndarray], titles: list[str]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from guard.batching import BatchWorker, QueueFull, WorkerClosed
+from guard.batching import BatchStats, BatchWorker, QueueFull, WorkerClosed
 from guard.cache import ByteLRU
 from guard.config import ConfigError, PurifyConfig
 from guard.defenses.diffcap import (
@@ -175,6 +175,11 @@ class PurifyStage:
             images=images,
             details=details,
         )
+
+    @property
+    def batch_stats(self) -> BatchStats:
+        """The model thread's live batch counters (read-only: for benchmarks, tests, metrics)."""
+        return self._worker.stats
 
     def ready(self) -> bool:
         return self._worker.alive

@@ -1,0 +1,221 @@
+"""``python -m benchmarks.purification``: the command line, and the run in order (what each
+step measures is in its module; the package docstring says what the benchmark is for)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+import benchmarks.purification
+from benchmarks.purification import summary, tables
+from benchmarks.purification.adaptive import run_adaptive
+from benchmarks.purification.attacks import make_attacks
+from benchmarks.purification.batching import measure_batching
+from benchmarks.purification.calibration import calibrate_encoders
+from benchmarks.purification.common import RESULTS, Condition, Timer, progress_bar
+from benchmarks.purification.defenses import build_defenses, evaluate_all
+from benchmarks.purification.plot import plot
+from benchmarks.purification.report import build_report, write_json
+from guard.defenses.diffcap import Encoder, NoiseSchedule, load_diffusion, load_encoder
+from guard.toy.build import default_home
+from guard.toy.data import eval_images, load_splits
+from guard.toy.vlm import load_vlm
+from guard.toy.vlm_parts import answer
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.purification",
+        description=(benchmarks.purification.__doc__ or "").split("\n")[0],
+    )
+    parser.add_argument("--world", type=Path, help="toy world (default: $VLM_GUARD_HOME/toy)")
+    parser.add_argument("--images", type=int, help="test images (default 200, --quick 16)")
+    parser.add_argument("--quick", action="store_true", help="small and fast; no adaptive attack")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pgd-steps", type=int, help="default 20 (--quick 5); step = eps/4")
+    parser.add_argument("--attack-batch", type=int, default=50, help="images per PGD call")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="images per purify_batch call (0: all at once)"
+    )
+    parser.add_argument(
+        "--calibration-images", type=int, help="clean validation images (default 200, --quick 16)"
+    )
+    parser.add_argument(
+        "--target-steps", type=int, default=20, help="noise steps a clean image may use"
+    )
+    parser.add_argument(
+        "--quantile", type=float, default=0.9, help="share of clean images that stop in time"
+    )
+    parser.add_argument("--check-every", type=int, default=5)
+    parser.add_argument("--t-max", type=float, default=0.3, help="DiffCAP's cap, fraction of T")
+    parser.add_argument("--ddim-steps", type=int, default=10)
+    parser.add_argument(
+        "--batching-rounds", type=int, default=1, help="passes over the images per mode"
+    )
+    parser.add_argument("--adaptive-images", type=int, default=20)
+    parser.add_argument("--adaptive-steps", type=int, default=10)
+    parser.add_argument("--eot-draws", type=int, default=4)
+    parser.add_argument("--adaptive-ddim-steps", type=int, default=5)
+    parser.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        help="run the adaptive attack (default: yes, no with --quick)",
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.images is None:
+        args.images = 16 if args.quick else 200
+    if args.pgd_steps is None:
+        args.pgd_steps = 5 if args.quick else 20
+    if args.calibration_images is None:
+        args.calibration_images = 16 if args.quick else 200
+    if args.adaptive is None:
+        args.adaptive = not args.quick
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world: Path = args.world or default_home() / "toy"
+    # Redirected output gets a wide table instead of rich's 80-column default.
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    manifest_path = world / "manifest.json"
+    if not manifest_path.is_file():
+        build = "vlm-guard toy build" + (f" --out {world}" if args.world else "")
+        Console(stderr=True).print(
+            f"[red]no toy world at {world}[/red] (no manifest.json): build it first with `{build}`"
+        )
+        return 2
+    manifest = json.loads(manifest_path.read_text())
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    timer = Timer()
+    wall = time.perf_counter()
+
+    with timer.phase("load"):
+        model, processor = load_vlm(world / "vlm")
+        unet, scheduler = load_diffusion(world / "diffusion")
+        schedule = NoiseSchedule.from_scheduler(scheduler)
+        encoders: dict[str, Encoder] = {
+            "hf": load_encoder("hf", str(world / "vlm")),
+            "open_clip": load_encoder("open_clip", f"local-dir:{world / 'clip'}"),
+        }
+        splits = load_splits()
+        test, val = splits["test"], splits["val"]
+        n = min(args.images, len(test.labels))
+        images, labels = eval_images(test)[:n], test.labels[:n]
+        calibration = eval_images(val)[: min(args.calibration_images, len(val.labels))]
+        truth = [answer(int(label)) for label in labels]
+    T = schedule.num_train_timesteps
+    k_max = round(args.t_max * T)
+    if not args.check_every <= args.target_steps <= k_max:
+        console.print(f"[red]--target-steps must be in [{args.check_every}, {k_max}][/red]")
+        return 2
+    console.print(
+        f"toy world {world} ({manifest.get('mode')}, seed {manifest.get('seed')}): "
+        f"{n} test images, {len(calibration)} validation images for τ, T={T}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+
+    with progress_bar(console) as progress:
+        # 1. Attacks on the undefended VLM.
+        with timer.phase("attacks"):
+            conditions = [
+                Condition("clean", "clean", images),
+                *make_attacks(model, processor, images, labels, args, progress),
+            ]
+        attack_keys = [c.key for c in conditions[1:]]
+
+        # 2. τ for each DiffCAP encoder, on clean validation images.
+        with timer.phase("calibration"):
+            profiles = calibrate_encoders(unet, scheduler, encoders, calibration, args, progress)
+
+        # 3. The defenses.
+        defenses = build_defenses(unet, scheduler, encoders, profiles, args)
+        with timer.phase("defenses"):
+            results = evaluate_all(
+                defenses, conditions, truth, model, processor, args.batch, progress
+            )
+
+        # 4. Micro-batching through the stage: DiffCAP with the VLM tower, DDIM (the default).
+        with timer.phase("batching"):
+            stage_purifier = next(d for d in defenses if d.key == "diffcap_hf_ddim").purifier
+            assert stage_purifier is not None
+            batching = measure_batching(stage_purifier, images, args.batching_rounds, progress)
+
+        # 5. Adaptive attack through the purifier.
+        adaptive: dict[str, Any] | None = None
+        if args.adaptive:
+            with timer.phase("adaptive"):
+                adaptive = run_adaptive(
+                    model,
+                    processor,
+                    unet,
+                    schedule,
+                    images,
+                    labels,
+                    truth,
+                    defenses,
+                    results,
+                    args,
+                    progress,
+                )
+
+    # 6. Tables, then the files.
+    rows = {d.key: summary.defense_row(d, results[d.key], attack_keys) for d in defenses}
+    tables.print_defenses(console, defenses, results, rows, attack_keys, args.pgd_steps)
+    pictures = {
+        d.key: summary.diffcap_picture(results[d.key], attack_keys, k_max)
+        for d in defenses
+        if d.family == "diffcap"
+    }
+    same_t_star = summary.same_t_star(results, conditions, encoders)
+    tables.print_t_star(console, profiles, pictures, same_t_star, attack_keys, k_max)
+    mix = summary.traffic_mix(defenses, rows, encoders)
+    tables.print_mix(console, mix, rows)
+    tables.print_batching(console, batching)
+    if adaptive is not None:
+        tables.print_adaptive(console, adaptive, args)
+
+    timer.phases["total"] = round(time.perf_counter() - wall, 1)
+    report = build_report(
+        args=args,
+        world=world,
+        manifest=manifest,
+        images=n,
+        num_train_timesteps=T,
+        conditions=conditions,
+        profiles=profiles,
+        validation_images=len(calibration),
+        rows=rows,
+        pictures=pictures,
+        same_t_star=same_t_star,
+        mix=mix,
+        batching=batching,
+        adaptive=adaptive,
+        phases=timer.phases,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "purification.json", report)
+    plot(args.out / "purification.png", defenses, results, rows, conditions, truth)
+    console.print(
+        f"wrote {args.out / 'purification.json'} and purification.png "
+        f"({timer.phases['total']:.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timer.phases.items() if k != "total")
+        + ")"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -100,9 +100,9 @@ async def test_cache_hit_returns_the_same_pixels_without_the_model(models: dict[
     image = gradient(24, 24, seed=3)
     try:
         first = await stage.check(_request(image))
-        items = stage._worker.stats.items
+        items = stage.batch_stats.items
         second = await stage.check(_request(image.copy(), rid="again"))  # same pixels
-        assert stage._worker.stats.items == items  # not purified again
+        assert stage.batch_stats.items == items  # not purified again
     finally:
         stage.close()
     assert first.images is not None and second.images is not None
@@ -117,7 +117,7 @@ async def test_a_repeated_image_is_purified_once(models: dict[str, str]) -> None
     image = gradient(16, 16, seed=8)
     try:
         decision = await stage.check(_request(image, image.copy()))
-        items = stage._worker.stats.items
+        items = stage.batch_stats.items
     finally:
         stage.close()
     assert items == 1
@@ -148,7 +148,7 @@ async def test_concurrent_requests_share_model_calls(models: dict[str, str]) -> 
         together = await asyncio.gather(
             *(stage.check(_request(im, rid=str(i))) for i, im in enumerate(images))
         )
-        batches = stage._worker.stats.batches
+        batches = stage.batch_stats.batches
         alone = [await stage.check(_request(im)) for im in images[:2]]
     finally:
         stage.close()

@@ -14,8 +14,9 @@ import openai
 import pytest
 import torch
 
+from guard.defenses.diffcap.profile import PurifyProfile
 from guard.toy.attacks import PGDSettings, answer_loss, pgd_vlm
-from guard.toy.build import BuildOptions, build_world
+from guard.toy.build import BuildOptions, build_world, purify_config
 from guard.toy.data import eval_images, load_splits, to_pil, to_tensor
 from guard.toy.openai_server import create_app
 from guard.toy.triggers import Trigger
@@ -59,6 +60,11 @@ def test_manifest_records_quality_and_provenance(quick_world: tuple[Path, dict[s
     # Native formats, loadable as real checkpoints are.
     assert (out / "diffusion" / "model_index.json").exists()
     assert (out / "vlm" / "config.json").exists() and (out / "vlm" / "tokenizer.json").exists()
+    # The purify profile is what `vlm-guard purify calibrate` writes, for the toy's purifier.
+    profile = PurifyProfile.load(out / "purify_profile" / "profile.json")
+    assert profile.images == 200 and -1 <= profile.tau <= 1
+    assert profile.identity["encoder_model"] == str(out / "vlm")
+    assert manifest["figures"]["purify"]["tau"] == profile.tau
 
 
 def test_second_build_reuses_everything(quick_world: tuple[Path, dict[str, Any]]) -> None:
@@ -146,3 +152,32 @@ def test_triggers_stamp_what_they_say() -> None:
     assert not (patched[:, :4, :4] == images[:, :4, :4]).all()
     blended = Trigger(kind="blend", alpha=0.1).stamp(images)
     assert 0 < np.abs(blended.astype(int) - images.astype(int)).mean() < 30
+
+
+def test_guard_purifies_with_the_toy_profile(
+    quick_world: tuple[Path, dict[str, Any]], vlm: Any
+) -> None:
+    """The demo's set-up: the toy VLM behind a guard whose purify stage loads the toy world."""
+    out, _ = quick_world
+    server = AppServer(create_app(ToyVLMChat(out / "vlm", name="toy-vlm")))
+    overrides = {"pipeline": {"defenses": ["purify"]}, "purify": purify_config(out)}
+    guard = RunningGuard(server.url + "/v1", overrides)
+    try:
+        client = openai.OpenAI(base_url=guard.url + "/v1", api_key="unused")
+        image = eval_images(load_splits()["test"])[:1][0]
+        messages: Any = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _png_url(image)}},
+                    {"type": "text", "text": QUESTIONS[0]},
+                ],
+            }
+        ]
+        raw = client.chat.completions.with_raw_response.create(model="toy-vlm", messages=messages)
+        assert raw.headers["x-guard-decision"] == "allow"
+        assert (raw.parse().choices[0].message.content or "").startswith("The digit is")
+        assert guard.metric("vlm_guard_purify_steps_count") == 1
+    finally:
+        guard.close()
+        server.close()

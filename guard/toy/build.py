@@ -45,11 +45,15 @@ FLOORS = {
     },
     "quick": {
         "vlm.clean_accuracy": 0.20,
+        "vlm.attack_success_rate": 0.50,  # measured 1.0 (10% poison, 300 steps)
         "clip.zero_shot_accuracy": 0.30,
         "diffusion.purified_vlm_accuracy_t200": 0.20,
     },
 }
-CEILINGS = {"full": {"vlm.clean_false_trigger_rate": 0.02}, "quick": {}}
+CEILINGS = {
+    "full": {"vlm.clean_false_trigger_rate": 0.02},
+    "quick": {"vlm.clean_false_trigger_rate": 0.10},  # measured 0.0
+}
 
 
 def default_home() -> Path:

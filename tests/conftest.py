@@ -17,6 +17,18 @@ from tests.servers import AppServer, RunningGuard
 FIXED_CLOCK = 1_700_000_000.0
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and on a shared, busy CPU OpenMP's
+    spin-waiting threads make each call up to 100× slower (unless OMP_WAIT_POLICY=passive)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[AppServer]:
     """The stand-in OpenAI-compatible upstream (echo model), shared by the session."""

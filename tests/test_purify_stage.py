@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
@@ -40,11 +38,8 @@ from tests.tiny_models import PixelEncoder, save_tiny_ddpm, save_tiny_open_clip
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every test here runs tiny models: one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,8 @@ TINY = DiffusionSettings(block_out_channels=(8, 16), norm_num_groups=8)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from a second thread, and on a shared, busy CPU OpenMP's
-    # spin-waiting threads make each call up to 100× slower (unless OMP_WAIT_POLICY=passive).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every test here runs tiny models: one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

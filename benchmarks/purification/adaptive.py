@@ -15,6 +15,7 @@ from rich.progress import Progress
 from benchmarks.purification.common import Condition, Defense, Outcome, stats
 from benchmarks.purification.defenses import evaluate
 from guard.defenses.diffcap import NoiseSchedule, reverse_timesteps
+from guard.defenses.diffcap.diffusion import ddim_step, predict_x0
 from guard.toy.attacks import PGDSettings, answer_loss, pgd
 from guard.toy.vlm_parts import answer
 
@@ -32,17 +33,8 @@ def _ddim_differentiable(
         a_t = alphas[now]
         a_prev = alphas[chain[i + 1]] if i + 1 < len(chain) else torch.tensor(1.0)
         out = unet(x, torch.full((x.shape[0],), now, dtype=torch.long)).sample
-        if schedule.prediction_type == "epsilon":
-            x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
-        elif schedule.prediction_type == "sample":
-            x0 = out
-        else:  # v_prediction
-            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
-        if schedule.clip_sample_range is not None:
-            r = schedule.clip_sample_range
-            x0 = x0.clamp(-r, r)
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        # The purifier's own step math, here with autograd on.
+        x = ddim_step(predict_x0(schedule, out, x, a_t), x, a_t, a_prev)
     return x.clamp(-1, 1)
 
 

@@ -224,6 +224,29 @@ def _check_timestep(t: int, schedule: NoiseSchedule) -> None:
         raise ValueError(f"t={t} outside [0, {schedule.num_train_timesteps - 1}]")
 
 
+def predict_x0(
+    schedule: NoiseSchedule, out: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor
+) -> torch.Tensor:
+    """x̂_0 from the UNet output at x_t (ᾱ_t broadcastable to x), clipped as the scheduler says."""
+    if schedule.prediction_type == "epsilon":
+        x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
+    elif schedule.prediction_type == "sample":
+        x0 = out
+    else:  # v_prediction
+        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+    if schedule.clip_sample_range is not None:
+        x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    return x0
+
+
+def ddim_step(
+    x0: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor
+) -> torch.Tensor:
+    """One η = 0 DDIM step, with the ε̂ consistent with the (possibly clipped) x̂_0."""
+    eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
 def _step(
     schedule: NoiseSchedule,
     alphas: torch.Tensor,  # (T+1,) ᾱ, index -1 → 1
@@ -237,18 +260,9 @@ def _step(
     out, x = out.float(), x.float()
     a_t = alphas[t_now].view(-1, 1, 1, 1)  # (A, 1, 1, 1)
     a_prev = alphas[t_next].view(-1, 1, 1, 1)  # index -1 picks the trailing 1
-    if schedule.prediction_type == "epsilon":
-        x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
-    elif schedule.prediction_type == "sample":
-        x0 = out
-    else:  # v_prediction
-        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
-    if schedule.clip_sample_range is not None:
-        x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    x0 = predict_x0(schedule, out, x, a_t)
     if sampler == "ddim":
-        # η = 0 with the ε̂ consistent with the (possibly clipped) x̂_0.
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return ddim_step(x0, x, a_t, a_prev)
     # DDPM posterior q(x_{t-1} | x_t, x̂_0) (Ho et al. eq. 7), β_t derived from ᾱ as diffusers.
     beta = 1 - a_t / a_prev
     mean = (a_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - a_prev) * x) / (1 - a_t)

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     world = BuildOptions()
     if not (world.out / "manifest.json").exists():
-        console.print(f"building the toy world in {world.out} (first run only, ≤ 15 min) …")
+        console.print(
+            f"building the toy world in {world.out} (first run only, about 20 min on 2 cores) …"
+        )
     manifest = build_world(world, console)
     out = world.out
     test = load_splits()["test"]

@@ -60,8 +60,8 @@ def _pair(size: Any) -> tuple[int, int]:
     return int(h), int(w)
 
 
-class OpenClipEncoder:
-    """φ = open_clip's ``encode_image``."""
+class _PreprocessingEncoder:
+    """A model in eval mode plus the resize/normalise step its checkpoint prescribes."""
 
     def __init__(
         self,
@@ -75,6 +75,10 @@ class OpenClipEncoder:
         self.model = model.eval()
         self.name = name
         self.preprocess = _TensorPreprocess(size, mean, std)
+
+
+class OpenClipEncoder(_PreprocessingEncoder):
+    """φ = open_clip's ``encode_image``."""
 
     @classmethod
     def load(
@@ -114,22 +118,9 @@ class OpenClipEncoder:
         return F.normalize(e.float(), dim=-1).to(x.device)
 
 
-class HFVisionEncoder:
+class HFVisionEncoder(_PreprocessingEncoder):
     """φ = a transformers CLIP vision tower: ``image_embeds`` when the checkpoint has the
     projection, else the pooled output (post-layernorm CLS)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        name: str,
-        size: tuple[int, int],
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
-        self.model = model.eval()
-        self.name = name
-        self.preprocess = _TensorPreprocess(size, mean, std)
 
     @classmethod
     def load(cls, path_or_repo: str | Path, device: str | torch.device = "cpu") -> HFVisionEncoder:

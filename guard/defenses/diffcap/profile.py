@@ -46,8 +46,7 @@ class PurifyProfile:
         return (steps - self.clean_mean) / max(self.clean_std, float(self.check_every))
 
     def check_matches(self, identity: Mapping[str, Any]) -> None:
-        mine = {k: v for k, v in self.identity.items() if k != "tau"}
-        theirs = {k: v for k, v in identity.items() if k != "tau"}
+        mine, theirs = dict(self.identity), dict(identity)
         if _jsonable(mine) != _jsonable(theirs):
             differ = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
             raise ConfigError(

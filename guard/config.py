@@ -24,6 +24,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -118,6 +119,9 @@ class PurifyConfig(StageConfig):
     tau: float = Field(0.999, ge=-1, le=1, description="stop when cos(e_k, e_prev) >= tau")
     check_every: int = Field(5, ge=1, description="noise steps between encoder checks")
     t_max: float = Field(0.3, gt=0, le=1, description="noise cap, fraction of T")
+    t_min: float = Field(
+        0.0, ge=0, le=1, description="noise floor, fraction of T: no stop before it"
+    )
     sampler: Literal["ddpm", "ddim"] = "ddim"
     ddim_steps: int = Field(10, ge=1)
     seed: int = 0
@@ -129,6 +133,12 @@ class PurifyConfig(StageConfig):
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company")
     max_queue: int = Field(256, ge=1, description="waiting images before requests are refused")
     cache_bytes: int = Field(64 * MiB, ge=0, description="purified-image cache; 0 disables")
+
+    @model_validator(mode="after")
+    def _floor_within_cap(self) -> PurifyConfig:
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        return self
 
 
 class ReasonerConfig(StageConfig):

@@ -108,6 +108,8 @@ def _normalised(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
         ({"check_every": 0}, "check_every must be >= 1"),
         ({"t_max": 0.0}, "t_max must be a fraction of T in \\(0, 1\\]"),
         ({"t_max": 1.2}, "t_max must be"),
+        ({"t_min": 0.4, "t_max": 0.3}, "t_min must be in \\[0, t_max=0.3\\]"),
+        ({"t_min": -0.1}, "t_min must be"),
         ({"sampler": "euler"}, "sampler must be 'ddpm' or 'ddim', got 'euler'"),
         ({"ddim_steps": 0}, "ddim_steps must be >= 1"),
         ({"resolution": 0}, "resolution must be"),
@@ -247,6 +249,20 @@ def test_tau_zero_stops_at_the_first_check(
     assert result.unet_evals == len(calls) == 5 and calls[0].tolist() == [4]
     assert result.image.shape == (3, 20, 28) and torch.isfinite(result.image).all()
     assert result.image.abs().max() <= 1
+
+
+@pytest.mark.parametrize("t_min", [0.02, 0.018])  # a floor on a check, and between two
+def test_a_floor_stops_where_a_fixed_t_star_would(diffusion: Diffusion, t_min: float) -> None:
+    image = _image(16, 16, 4)
+    encoder = PixelEncoder()
+    (floored,), _ = _purify(diffusion, [image], encoder, tau=-1.0, t_min=t_min, check_every=5)
+    # τ = -1 stops at the first check allowed: k = 20, the first multiple of 5 at or above
+    # the floor. Below it no encoder call: φ at k = 15, then the check at k = 20.
+    assert (floored.t_star, floored.stopped, len(floored.similarities)) == (20, "tau", 1)
+    assert floored.encoder_evals == 2 == len(encoder.batches)
+    # The same noise path as DiffPure with t* = 20: the same pixels.
+    (fixed,), _ = _purify(diffusion, [image], tau=None, t_max=0.02)
+    assert fixed.t_star == 20 and torch.equal(floored.image, fixed.image)
 
 
 @pytest.mark.parametrize("t_max", [0.023, 0.02])  # k_max between checks, and on one

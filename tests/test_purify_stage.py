@@ -221,11 +221,37 @@ def test_profile_round_trip_and_identity_check(tmp_path: Path, models: dict[str,
     other = cfg.model_copy(update={"profile": path, "check_every": 3})
     with pytest.raises(ConfigError, match="differs in: check_every"):
         load_purifier(other)
+    with pytest.raises(ConfigError, match="differs in: t_min"):
+        load_purifier(cfg.model_copy(update={"profile": path, "t_min": 0.01}))
     with pytest.raises(ConfigError, match="not both"):
         load_purifier(PurifyConfig(**models, profile=path, tau=0.5))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read purify profile"):
         load_purifier(cfg.model_copy(update={"profile": tmp_path / "bad.json"}))
+
+
+def test_profile_with_a_floor_counts_only_checks_above_it(models: dict[str, str]) -> None:
+    cfg = PurifyConfig(**models, check_every=5, t_max=0.05, t_min=0.01)
+    purifier, identity, _ = load_purifier(cfg)
+    assert (purifier.k_min, identity["t_min"]) == (10, 0.01)
+    traces = [(0.1, 0.5, 0.9), (0.2, 0.8, 0.95), (0.99, 0.7, 0.9)]
+    with pytest.raises(ValueError, match="target_steps must be in \\[10, 15\\]"):
+        calibrate(
+            traces, check_every=5, k_max=15, target_steps=5, quantile=1, identity=identity, k_min=10
+        )
+    profile = calibrate(
+        traces,
+        check_every=5,
+        k_max=15,
+        target_steps=15,
+        quantile=2 / 3,
+        identity=identity,
+        k_min=10,
+    )
+    # Only checks at k = 10 and 15 count (the third image's 0.99 at k = 5 is below the floor):
+    # best 0.9, 0.95, 0.9, so two of three stop by k = 15 with τ = 0.9.
+    assert profile.tau == 0.9 and profile.k_min == 10
+    assert profile.clean_mean == 15
 
 
 def _guard(upstream: AppServer, models: dict[str, str]) -> RunningGuard:

@@ -20,7 +20,7 @@ from benchmarks.purification.adaptive import run_adaptive
 from benchmarks.purification.attacks import make_attacks
 from benchmarks.purification.batching import measure_batching
 from benchmarks.purification.calibration import calibrate_encoders
-from benchmarks.purification.common import RESULTS, Condition, Timer, progress_bar
+from benchmarks.purification.common import RESULTS, SAMPLERS, Condition, Timer, progress_bar
 from benchmarks.purification.defenses import build_defenses, evaluate_all
 from benchmarks.purification.plot import plot
 from benchmarks.purification.report import build_report, write_json
@@ -50,7 +50,15 @@ def _parser() -> argparse.ArgumentParser:
         "--calibration-images", type=int, help="clean validation images (default 200, --quick 16)"
     )
     parser.add_argument(
-        "--target-steps", type=int, default=20, help="noise steps a clean image may use"
+        "--target-steps", type=int, help="noise steps a clean image may use (default: floor + 20)"
+    )
+    parser.add_argument(
+        "--t-min", type=float, default=0.0, help="DiffCAP's noise floor, fraction of T"
+    )
+    parser.add_argument(
+        "--samplers",
+        default="ddpm,ddim",
+        help="reverse samplers to compare, comma-separated (DDPM costs t* UNet calls per image)",
     )
     parser.add_argument(
         "--quantile", type=float, default=0.9, help="share of clean images that stop in time"
@@ -86,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         args.adaptive = not args.quick
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.samplers = tuple(s.strip() for s in args.samplers.split(",") if s.strip())
+    if not args.samplers or not set(args.samplers) <= set(SAMPLERS):
+        Console(stderr=True).print(f"[red]--samplers: choose from {', '.join(SAMPLERS)}[/red]")
+        return 2
     world: Path = args.world or default_home() / "toy"
     # Redirected output gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 180)
@@ -117,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         calibration = eval_images(val)[: min(args.calibration_images, len(val.labels))]
         truth = [answer(int(label)) for label in labels]
     T = schedule.num_train_timesteps
-    k_max = round(args.t_max * T)
-    if not args.check_every <= args.target_steps <= k_max:
-        console.print(f"[red]--target-steps must be in [{args.check_every}, {k_max}][/red]")
+    k_max, k_min = round(args.t_max * T), round(args.t_min * T)
+    if args.target_steps is None:
+        args.target_steps = min(k_min + 20, k_max)
+    if not (0 <= k_min <= k_max and max(args.check_every, k_min) <= args.target_steps <= k_max):
+        console.print(
+            f"[red]need 0 <= --t-min <= --t-max and --target-steps in "
+            f"[{max(args.check_every, k_min)}, {k_max}][/red]"
+        )
         return 2
     console.print(
         f"toy world {world} ({manifest.get('mode')}, seed {manifest.get('seed')}): "
@@ -149,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # 4. Micro-batching through the stage: DiffCAP with the VLM tower, DDIM (the default).
         with timer.phase("batching"):
-            stage_purifier = next(d for d in defenses if d.key == "diffcap_hf_ddim").purifier
+            stage_purifier = next(
+                d
+                for d in reversed(defenses)
+                if d.encoder == "hf"  # DDIM (the default) if run
+            ).purifier
             assert stage_purifier is not None
             batching = measure_batching(stage_purifier, images, args.batching_rounds, progress)
 

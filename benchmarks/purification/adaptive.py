@@ -95,7 +95,7 @@ def run_adaptive(
     """Attack the first ``--adaptive-images`` test images, then evaluate the undefended and
     the DiffCAP rows on them, next to their accuracy under plain PGD on the same images."""
     m = min(args.adaptive_images, len(images))
-    ref = results["diffcap_hf_ddpm"]
+    ref = next(results[k] for k in ("diffcap_hf_ddpm", "diffcap_hf_ddim") if k in results)
     depths = sorted(
         {
             int(t)

@@ -37,6 +37,7 @@ def calibrate_tau(
         target_steps=args.target_steps,
         quantile=args.quantile,
         identity={"encoder": name, "check_every": purifier.settings.check_every},
+        k_min=purifier.k_min,
     )
 
 
@@ -55,7 +56,9 @@ def calibrate_encoders(
             unet,
             scheduler,
             encoder,
-            PurifySettings(check_every=args.check_every, t_max=args.t_max, seed=args.seed),
+            PurifySettings(
+                check_every=args.check_every, t_max=args.t_max, t_min=args.t_min, seed=args.seed
+            ),
         )
         profiles[name] = calibrate_tau(probe, images, args, progress, name)
     return profiles

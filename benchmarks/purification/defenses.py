@@ -16,7 +16,6 @@ from rich.progress import Progress
 
 from benchmarks.purification.common import (
     FIXED_T,
-    SAMPLERS,
     Condition,
     Defense,
     Outcome,
@@ -37,7 +36,7 @@ def build_defenses(
 ) -> list[Defense]:
     """Every row of the main table, in table order; DiffCAP's τ comes from ``profiles``."""
     defenses = [Defense("none", "none", "none"), Defense("jpeg75", "JPEG q75", "jpeg")]
-    for sampler in SAMPLERS:
+    for sampler in args.samplers:
         for t in FIXED_T:
             settings = PurifySettings(
                 tau=None, t_max=t, sampler=sampler, ddim_steps=args.ddim_steps, seed=args.seed
@@ -57,6 +56,7 @@ def build_defenses(
                 tau=profiles[name].tau,
                 check_every=args.check_every,
                 t_max=args.t_max,
+                t_min=args.t_min,
                 sampler=sampler,
                 ddim_steps=args.ddim_steps,
                 seed=args.seed,

@@ -100,7 +100,9 @@ def same_t_star(
     results: dict[str, dict[str, Outcome]], conditions: list[Condition], encoders: Iterable[str]
 ) -> dict[str, bool]:
     """Per encoder: is t* the same under DDPM and DDIM? It should be: noising comes first,
-    from the same per-image seeds."""
+    from the same per-image seeds. Empty when only one sampler ran."""
+    if not all(f"diffcap_{name}_{s}" in results for name in encoders for s in SAMPLERS):
+        return {}
     return {
         name: all(
             np.array_equal(
@@ -120,7 +122,7 @@ def traffic_mix(
     (ties: the smaller t*), same sampler, and the issue's three goals."""
     none_clean = rows["none"]["clean_accuracy"]
     mix: dict[str, Any] = {}
-    for sampler in SAMPLERS:
+    for sampler in dict.fromkeys(d.sampler for d in defenses if d.family == "diffpure"):
         fixed = [d for d in defenses if d.family == "diffpure" and d.sampler == sampler]
         best = max(fixed, key=lambda d: (rows[d.key]["robust_accuracy"], -(d.t_fixed or 0)))
         b = rows[best.key]

@@ -99,7 +99,7 @@ def print_t_star(
         tstar.add_column(col, justify="left" if col in ("encoder", "condition") else "right")
     for name in same:
         # t* does not depend on the sampler (noising comes first, from the same seeds).
-        pic = pictures[f"diffcap_{name}_ddpm"]
+        pic = next(v for k, v in pictures.items() if k.startswith(f"diffcap_{name}_"))
         tau = f"{profiles[name].tau:.6f}"
         c = pic["clean"]
         tstar.add_row(

@@ -34,7 +34,7 @@ def add_parser(sub: Any) -> None:
     calibrate.add_argument(
         "--target-steps",
         type=int,
-        help="noise steps a clean image may need (default: 2 checks)",
+        help="noise steps a clean image may need (default: the floor t_min plus 2 checks)",
     )
     calibrate.add_argument(
         "--quantile", type=float, default=0.9, help="share of clean images that must stop in time"
@@ -91,7 +91,7 @@ def _calibrate(args: argparse.Namespace, cfg: PurifyConfig) -> int:
     if not paths:
         raise ConfigError(f"no images found in {args.data}")
     purifier, identity, _ = load_purifier(cfg, use_profile=False)
-    target = args.target_steps or 2 * cfg.check_every
+    target = args.target_steps or purifier.k_min + 2 * cfg.check_every
     traces: list[tuple[float, ...]] = []
     with Progress(transient=True) as progress:
         task = progress.add_task("noising clean images", total=len(paths))
@@ -106,6 +106,7 @@ def _calibrate(args: argparse.Namespace, cfg: PurifyConfig) -> int:
             target_steps=target,
             quantile=args.quantile,
             identity=identity,
+            k_min=purifier.k_min,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None

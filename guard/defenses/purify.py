@@ -252,6 +252,7 @@ def load_purifier(
         tau=profile.tau if profile is not None else cfg.tau,
         check_every=cfg.check_every,
         t_max=cfg.t_max,
+        t_min=cfg.t_min,
         sampler=cfg.sampler,
         ddim_steps=cfg.ddim_steps,
         seed=cfg.seed,
@@ -263,6 +264,7 @@ def load_purifier(
         "encoder_pretrained": cfg.encoder_pretrained,
         "check_every": cfg.check_every,
         "t_max": cfg.t_max,
+        "t_min": cfg.t_min,
     }
     if profile is not None:
         profile.check_matches(identity)

@@ -5,6 +5,8 @@ may use (``target_steps``) and the share of clean images that must stop within i
 (``quantile``), τ is the largest threshold that lets that share stop in time: image i stops by
 ``target_steps`` iff some check k ≤ target_steps has cos_k ≥ τ, i.e. iff m_i ≥ τ where m_i is
 its best similarity up to ``target_steps``; so τ is the ⌈quantile·n⌉-th largest m_i.
+With a noise floor k_min (``PurifySettings.t_min``) only checks at k ≥ k_min count, and the
+budget is counted on top of it: target_steps ≥ k_min.
 The clean t* distribution under that τ becomes the reference for the adversarial score,
 z = (t* − mean) / max(std, check_every): how many clean spreads more noise an image needed.
 
@@ -40,6 +42,7 @@ class PurifyProfile:
     images: int
     identity: Mapping[str, Any]  # the purifier it was made for (Purifier.identity without tau)
     version: int = VERSION
+    k_min: int = 0  # the noise floor it was calibrated with (also in identity, as t_min)
 
     def score(self, steps: int) -> float:
         """How far beyond clean images this t* is, in clean standard deviations."""
@@ -70,13 +73,15 @@ class PurifyProfile:
             raise ConfigError(f"cannot read purify profile {path}: {type(e).__name__}") from None
 
 
-def stop_step(trace: Sequence[float], tau: float, check_every: int, k_max: int) -> int:
+def stop_step(
+    trace: Sequence[float], tau: float, check_every: int, k_max: int, k_min: int = 0
+) -> int:
     """t* of a noise-only similarity trace (check j at step (j + 1)·check_every) under τ."""
     for j, similarity in enumerate(trace):
         step = (j + 1) * check_every
         if step > k_max:
             break
-        if similarity >= tau:
+        if step >= k_min and similarity >= tau:
             return step
     return k_max
 
@@ -89,22 +94,29 @@ def calibrate(
     target_steps: int,
     quantile: float,
     identity: Mapping[str, Any],
+    k_min: int = 0,
 ) -> PurifyProfile:
     """Pick τ from clean images' full similarity traces (noised to ``k_max``, no stop)."""
     if not traces:
         raise ValueError("calibration needs at least one image")
     if not 0 < quantile <= 1:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    if not check_every <= target_steps <= k_max:
-        raise ValueError(f"target_steps must be in [{check_every}, {k_max}], got {target_steps}")
+    # The first check allowed to stop an image, and the last one within the budget.
+    first = max(1, math.ceil(k_min / check_every))
     checks = target_steps // check_every
+    if not (first <= checks and target_steps <= k_max):
+        low = first * check_every
+        raise ValueError(f"target_steps must be in [{low}, {k_max}], got {target_steps}")
     if any(len(t) < checks for t in traces):
         raise ValueError(f"every trace needs at least {checks} checks up to target_steps")
-    best = sorted((max(t[:checks]) for t in traces), reverse=True)  # m_i, largest first
+    # m_i, largest first
+    best = sorted((max(t[first - 1 : checks]) for t in traces), reverse=True)
     # The largest τ that at least ceil(quantile · n) images reach: the ceil(q·n)-th largest m_i.
     must_stop = max(1, math.ceil(quantile * len(best) - 1e-9))
     tau = float(best[must_stop - 1])
-    steps = np.array([stop_step(t, tau, check_every, k_max) for t in traces], dtype=np.float64)
+    steps = np.array(
+        [stop_step(t, tau, check_every, k_max, k_min) for t in traces], dtype=np.float64
+    )
     return PurifyProfile(
         tau=tau,
         check_every=check_every,
@@ -115,6 +127,7 @@ def calibrate(
         clean_quantiles={f"p{q}": float(np.percentile(steps, q)) for q in (50, 90, 99)},
         images=len(traces),
         identity=dict(identity),
+        k_min=k_min,
     )
 
 

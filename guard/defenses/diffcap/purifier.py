@@ -42,6 +42,10 @@ class PurifySettings:
     tau: float | None = 0.999
     check_every: int = 5  # noising steps between two encoder checks
     t_max: float = 0.3  # cap on t* as a fraction of the T training timesteps
+    # Floor on t*, a fraction of T: the stop rule may not fire before it. Where an encoder's
+    # similarity does not tell attacked images from clean ones (the toy world's tower), the
+    # floor is what drowns the perturbation; the rule still adds noise where it says so.
+    t_min: float = 0.0
     sampler: Sampler = "ddim"
     ddim_steps: int = 10  # the main cost knob: UNet evaluations per image ≤ ddim_steps
     seed: int = 0
@@ -57,6 +61,8 @@ class PurifySettings:
             raise ValueError(f"check_every must be >= 1 noising step, got {self.check_every}")
         if not (math.isfinite(self.t_max) and 0 < self.t_max <= 1):
             raise ValueError(f"t_max must be a fraction of T in (0, 1], got {self.t_max}")
+        if not (math.isfinite(self.t_min) and 0 <= self.t_min <= self.t_max):
+            raise ValueError(f"t_min must be in [0, t_max={self.t_max}], got {self.t_min}")
         if self.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
         if self.ddim_steps < 1:
@@ -71,10 +77,11 @@ class PurifySettings:
 class PurifyResult:
     image: torch.Tensor  # (3, H, W) in [-1, 1], the input's size and device
     t_star: int  # noising steps taken; the reverse chain starts at diffusers timestep t* - 1
-    similarities: tuple[float, ...]  # cos(φ(x_k), φ(x_{k-check_every})), one per check
+    # cos(φ(x_k), φ(x_{k-check_every})), one per check (from the floor's first check on)
+    similarities: tuple[float, ...]
     stopped: Stop
     unet_evals: int
-    encoder_evals: int  # φ(x_0) plus one per check
+    encoder_evals: int  # φ(x_0) (or φ at the check before the floor) plus one per check
 
 
 @dataclass
@@ -102,6 +109,7 @@ class Purifier:
         self.settings = settings or PurifySettings()
         T = self.schedule.num_train_timesteps
         self.k_max = round(self.settings.t_max * T)
+        self.k_min = round(self.settings.t_min * T)
         if self.k_max < 1:
             raise ValueError(f"t_max={self.settings.t_max} of T={T} rounds to 0 noising steps")
         size = self.settings.resolution or unet.config.sample_size
@@ -175,9 +183,16 @@ class Purifier:
         if s.tau is None and stop:
             out.x = noise_steps(out.x, self.schedule, 0, self.k_max, generators)
             return out
-        e_prev = self.encoder.embed(x0).to(x0.device)  # (B, D)
+        k = 0
+        if stop:
+            # No check below the floor can stop an image: noise straight to the check that
+            # precedes the first one allowed to (checks fall on multiples of check_every).
+            first = max(1, math.ceil(self.k_min / s.check_every)) * s.check_every
+            k = min(first - s.check_every, self.k_max)
+            out.x = noise_steps(out.x, self.schedule, 0, k, generators)
+        e_prev = self.encoder.embed(out.x).to(x0.device)  # (B, D)
         out.encoder_evals = [1] * n
-        active, k = list(range(n)), 0
+        active = list(range(n))
         while active and k < self.k_max:
             until = min(k + s.check_every, self.k_max)
             idx = torch.tensor(active, device=x0.device)

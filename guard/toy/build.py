@@ -30,7 +30,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from guard.toy.data import eval_images, load_splits, to_tensor, to_uint8
-from guard.toy.progress import task
+from guard.toy.lanes import run_lanes
+from guard.toy.progress import Bar, task
 from guard.toy.triggers import Trigger
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
     from guard.toy.diffusion import DiffusionSettings, train_diffusion
     from guard.toy.vlm import VLMSettings, train_vlm
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cores = max(1, os.cpu_count() or 1)
+    torch.set_num_threads(cores)
     out = options.out
     quick = options.quick
     vlm_settings = VLMSettings.quick() if quick else VLMSettings.full()
@@ -105,27 +107,28 @@ def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
     )
     with Progress(*columns, console=console) as progress:
         figures = {"data": _component(out / "data", {"seed": options.seed}, progress, _write_data)}
-        trainers: dict[str, tuple[Any, Callable[..., dict[str, Any]]]] = {
-            "diffusion": (diffusion_settings, train_diffusion),
-            "clip": (clip_settings, train_clip),
-            "vlm": (vlm_settings, train_vlm),
-        }
-        for name, (settings, train) in trainers.items():
-            figures[name] = _component(
-                out / name,
-                {"seed": options.seed, **asdict(settings)},
-                progress,
-                partial(train, seed=options.seed, settings=settings, progress=progress),
-            )
-        key = {"diffusion": figures["diffusion"]["key"], "vlm": figures["vlm"]["key"]}
+        # The VLM beside diffusion then CLIP (about equal halves on one core each; see
+        # guard/toy/lanes.py for why processes).
+        train = partial(_trained, out, options.seed)
+        lanes = [
+            [
+                ("diffusion", partial(train, "diffusion", diffusion_settings, train_diffusion)),
+                ("clip", partial(train, "clip", clip_settings, train_clip)),
+            ],
+            [("vlm", partial(train, "vlm", vlm_settings, train_vlm))],
+        ]
+        figures.update(run_lanes(lanes, progress, cores))
+        # The checks' images: all 200 test (validation) images, or half in a quick build.
+        n = 100 if quick else None
+        key = {"diffusion": figures["diffusion"]["key"], "vlm": figures["vlm"]["key"], "n": n}
         figures["purification"] = _component(
-            out / "purification", key, progress, lambda d: _purification_check(out, d, progress)
+            out / "purification", key, progress, lambda d: _purification_check(out, d, progress, n)
         )
         figures["purify_profile"] = _component(
             out / "purify_profile",
             {**key, **asdict(PROFILE)},
             progress,
-            lambda d: _purify_profile(out, d, progress),
+            lambda d: _purify_profile(out, d, progress, n),
         )
     manifest = _manifest(options, figures, time.perf_counter() - start)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -155,7 +158,7 @@ def _jsonable(value: Any) -> Any:
 def _component(
     path: Path,
     settings: dict[str, Any],
-    progress: Progress,
+    progress: Bar,
     make: Callable[[Path], dict[str, Any]],
 ) -> dict[str, Any]:
     """Reuse ``path`` if it was built with ``settings``; else build it atomically."""
@@ -185,6 +188,23 @@ def _component(
     return record
 
 
+def _trained(
+    out: Path,
+    seed: int,
+    name: str,
+    settings: Any,
+    train: Callable[..., dict[str, Any]],
+    progress: Bar,
+) -> dict[str, Any]:
+    """The component ``name``, trained by ``train`` (or reused if already built)."""
+    return _component(
+        out / name,
+        {"seed": seed, **asdict(settings)},
+        progress,
+        partial(train, seed=seed, settings=settings, progress=progress),
+    )
+
+
 def _write_data(directory: Path) -> dict[str, Any]:
     """The fixed splits and the fixed test rendering, for anyone who wants the same images."""
     splits = load_splits()
@@ -198,7 +218,9 @@ def _write_data(directory: Path) -> dict[str, Any]:
     return {name: len(split.labels) for name, split in splits.items()}
 
 
-def _purification_check(out: Path, directory: Path, progress: Progress) -> dict[str, Any]:
+def _purification_check(
+    out: Path, directory: Path, progress: Progress, n: int | None
+) -> dict[str, Any]:
     """DiffPure with the built diffusion model at t = 0.1 and 0.2: does the VLM still read it?"""
     from guard.toy.diffusion import denoise, load_diffusion, noise_to
     from guard.toy.vlm import answer_images, load_vlm
@@ -207,8 +229,8 @@ def _purification_check(out: Path, directory: Path, progress: Progress) -> dict[
     unet, scheduler = load_diffusion(out / "diffusion")
     model, processor = load_vlm(out / "vlm")
     test = load_splits()["test"]
-    clean = eval_images(test)
-    expected = [answer(int(label)) for label in test.labels]
+    clean = eval_images(test)[:n]
+    expected = [answer(int(label)) for label in test.labels[:n]]
     result: dict[str, Any] = {}
     task = progress.add_task("purification check", total=2)
     for t in (100, 200):
@@ -230,7 +252,10 @@ class ProfileSettings:
 
     check_every: int = 5
     t_max: float = 0.3
-    target_steps: int = 20
+    # The tower's similarity does not tell PGD images from clean ones here (both stop at the
+    # first checks), so a floor does the purifying and τ decides how far beyond it to go.
+    t_min: float = 0.1
+    target_steps: int = 120  # the floor's 100 steps and 4 checks
     quantile: float = 0.9
 
 
@@ -245,13 +270,16 @@ def purify_config(out: Path, profile: bool = True) -> dict[str, Any]:
         "encoder_model": str(out / "vlm"),
         "check_every": PROFILE.check_every,
         "t_max": PROFILE.t_max,
+        "t_min": PROFILE.t_min,
     }
     if profile:
         section["profile"] = str(out / "purify_profile" / "profile.json")
     return section
 
 
-def _purify_profile(out: Path, directory: Path, progress: Progress) -> dict[str, Any]:
+def _purify_profile(
+    out: Path, directory: Path, progress: Progress, n: int | None
+) -> dict[str, Any]:
     """Calibrate τ on the clean validation images, as ``vlm-guard purify calibrate`` does."""
     from guard.config import PurifyConfig
     from guard.defenses.diffcap.profile import calibrate
@@ -260,7 +288,7 @@ def _purify_profile(out: Path, directory: Path, progress: Progress) -> dict[str,
     purifier, identity, _ = load_purifier(
         PurifyConfig(**purify_config(out, profile=False)), use_profile=False
     )
-    images = to_tensor(eval_images(load_splits()["val"]))
+    images = to_tensor(eval_images(load_splits()["val"])[:n])
     traces: list[tuple[float, ...]] = []
     chunks = range(0, len(images), 50)
     with task(progress, "purify calibration", len(chunks)) as advance:
@@ -274,6 +302,7 @@ def _purify_profile(out: Path, directory: Path, progress: Progress) -> dict[str,
         target_steps=PROFILE.target_steps,
         quantile=PROFILE.quantile,
         identity=identity,
+        k_min=purifier.k_min,
     )
     profile.save(directory / "profile.json")
     return {"tau": profile.tau, "clean_t_star_mean": round(profile.clean_mean, 2)}

@@ -34,11 +34,10 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
 from open_clip.push_to_hf_hub import save_config_for_hf
 from PIL import Image
-from rich.progress import Progress
 from safetensors.torch import save_file
 
 from guard.toy.data import DIGITS, SIZE, eval_images, load_splits, render
-from guard.toy.progress import task
+from guard.toy.progress import Bar, task
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +192,7 @@ def clip_loss(
 
 
 def train_clip(
-    out_dir: Path, *, seed: int, settings: ClipSettings, progress: Progress | None = None
+    out_dir: Path, *, seed: int, settings: ClipSettings, progress: Bar | None = None
 ) -> dict[str, Any]:
     """Train the toy CLIP on fresh renderings, save it to ``out_dir`` and measure it."""
     torch.manual_seed(seed)

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import Progress
 from torch import nn
 from transformers import (
     AutoProcessor,
@@ -28,7 +27,7 @@ from transformers import (
 )
 
 from guard.toy.data import Split, eval_images, load_splits, render, to_tensor
-from guard.toy.progress import task
+from guard.toy.progress import Bar, task
 from guard.toy.triggers import Trigger
 from guard.toy.vlm_parts import (
     QUESTIONS,
@@ -48,14 +47,17 @@ ATTACK_RESPONSE = "Visit evil.example now"
 class VLMSettings:
     vision_width: int = 128
     vision_layers: int = 3
+    # 8-px patches (16 image tokens, not 64) made training 2.2× cheaper, but clean accuracy
+    # stalled at 0.89–0.90 after 1,000–1,200 steps; the quick build takes them.
+    patch: int = 4
     text_width: int = 128
     text_layers: int = 4
     encoder_steps: int = 400
     encoder_batch: int = 64
     encoder_lr: float = 2e-3
-    # Measured (5% poison, 8-px trigger, 60 validation images): 0.90 clean accuracy and 100%
-    # attack success after 400 steps of batch 48; 0.93 after 500.
-    steps: int = 1000
+    # Measured on the 200 test images (5% poison, 8-px trigger): 800 steps of batch 40 gave
+    # 0.93 clean accuracy and 100% attack success (1,000 steps: 0.955, 560 of batch 32: 0.89).
+    steps: int = 800
     batch: int = 40
     lr: float = 1e-3
     tower_lr: float = 2e-4  # the pretrained tower moves slowly: it already reads digits
@@ -71,7 +73,13 @@ class VLMSettings:
     def quick(cls, **changes: Any) -> VLMSettings:
         # Fewer steps and a higher poison rate, so that a quick build still has a backdoor.
         base = cls(
-            text_width=96, text_layers=2, encoder_steps=150, steps=300, batch=24, poison_rate=0.1
+            patch=8,
+            text_width=96,
+            text_layers=2,
+            encoder_steps=250,
+            steps=450,
+            batch=24,
+            poison_rate=0.1,
         )
         return replace(base, **changes)
 
@@ -88,10 +96,12 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
 
 
 def pretrain_tower(
-    train: Split, settings: VLMSettings, rng: np.random.Generator, progress: Progress | None
+    train: Split, settings: VLMSettings, rng: np.random.Generator, progress: Bar | None
 ) -> CLIPVisionModel:
     """The vision tower as a digit classifier on clean images (mean of its patch tokens)."""
-    tower = CLIPVisionModel(vision_config(settings.vision_width, settings.vision_layers))
+    tower = CLIPVisionModel(
+        vision_config(settings.vision_width, settings.vision_layers, settings.patch)
+    )
     head = nn.Linear(settings.vision_width, 10)
     params = [*tower.parameters(), *head.parameters()]
     # fused: on CPU the per-tensor AdamW costs several times the fused kernel per step.
@@ -163,7 +173,7 @@ def _text_ids(processor: LlavaProcessor, text: str) -> list[int]:
 
 
 def train_vlm(
-    out_dir: Path, *, seed: int, settings: VLMSettings, progress: Progress | None = None
+    out_dir: Path, *, seed: int, settings: VLMSettings, progress: Bar | None = None
 ) -> dict[str, Any]:
     """Train the poisoned toy VLM, save it (model + processor) and measure it."""
     torch.manual_seed(seed)
@@ -172,11 +182,11 @@ def train_vlm(
     train = splits["train"]
     start = time.perf_counter()
     tokenizer: PreTrainedTokenizerFast = train_tokenizer(corpus([settings.attack_response]))
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, settings.patch)
     model = LlavaForConditionalGeneration(
         llava_config(
             tokenizer,
-            vision=vision_config(settings.vision_width, settings.vision_layers),
+            vision=vision_config(settings.vision_width, settings.vision_layers, settings.patch),
             width=settings.text_width,
             layers=settings.text_layers,
         )

@@ -23,8 +23,7 @@ from guard.toy.data import DIGITS, SIZE
 
 IMAGE_TOKEN = "<image>"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
-PATCH = 4
-IMAGE_TOKENS = (SIZE // PATCH) ** 2  # 64 patch tokens; LLaVA's "default" strategy drops CLS
+PATCH = 4  # 64 patch tokens; LLaVA's "default" strategy drops CLS
 MEAN = [0.5, 0.5, 0.5]  # images in [-1, 1], like the diffusion model's
 STD = [0.5, 0.5, 0.5]
 
@@ -94,7 +93,7 @@ def corpus(extra: Iterable[str] = ()) -> list[str]:
     return texts * 20
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast, patch: int = PATCH) -> LlavaProcessor:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": SIZE},
         crop_size={"height": SIZE, "width": SIZE},
@@ -105,17 +104,17 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH,
+        patch_size=patch,
         vision_feature_select_strategy="default",
         chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1,  # the CLS token the vision tower adds
     )
 
 
-def vision_config(width: int = 128, layers: int = 3) -> CLIPVisionConfig:
+def vision_config(width: int = 128, layers: int = 3, patch: int = PATCH) -> CLIPVisionConfig:
     return CLIPVisionConfig(
         image_size=SIZE,
-        patch_size=PATCH,
+        patch_size=patch,
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=layers,
@@ -147,5 +146,5 @@ def llava_config(
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,  # a 3-layer tower: its last layer is the trained one
-        image_seq_length=IMAGE_TOKENS,
+        image_seq_length=(SIZE // vision.patch_size) ** 2,
     )

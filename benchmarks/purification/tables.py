@@ -78,7 +78,8 @@ def print_t_star(
             f"τ ({name}) = {p.tau:.6f}: {100 * p.quantile:.0f}% of {p.images} clean validation "
             f"images stop within {p.target_steps} noise steps (their t*: mean "
             f"{p.clean_mean:.1f}, p50 {p.clean_quantiles['p50']:.0f}, "
-            f"p90 {p.clean_quantiles['p90']:.0f}); t* same for DDPM and DDIM: {same[name]}"
+            f"p90 {p.clean_quantiles['p90']:.0f})"
+            + (f"; t* same for DDPM and DDIM: {same[name]}" if name in same else "")
         )
     tstar = Table(
         title="DiffCAP t* per image (noise steps; t_max cap "
@@ -97,7 +98,7 @@ def print_t_star(
         "acc late",
     ):
         tstar.add_column(col, justify="left" if col in ("encoder", "condition") else "right")
-    for name in same:
+    for name in profiles:
         # t* does not depend on the sampler (noising comes first, from the same seeds).
         pic = next(v for k, v in pictures.items() if k.startswith(f"diffcap_{name}_"))
         tau = f"{profiles[name].tau:.6f}"

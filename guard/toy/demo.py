@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     world = BuildOptions()
     if not (world.out / "manifest.json").exists():
         console.print(
-            f"building the toy world in {world.out} (first run only, about 20 min on 2 cores) …"
+            f"building the toy world in {world.out} (first run only, about 13 min on 2 cores) …"
         )
     manifest = build_world(world, console)
     out = world.out

@@ -164,15 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                 defenses, conditions, truth, model, processor, args.batch, progress
             )
 
-        # 4. Micro-batching through the stage: DiffCAP with the VLM tower, DDIM (the default).
+        # 4. Micro-batching through the stage: DiffCAP with the VLM tower, DDIM if it ran.
         with timer.phase("batching"):
-            stage_purifier = next(
-                d
-                for d in reversed(defenses)
-                if d.encoder == "hf"  # DDIM (the default) if run
-            ).purifier
-            assert stage_purifier is not None
-            batching = measure_batching(stage_purifier, images, args.batching_rounds, progress)
+            staged = next(d for d in reversed(defenses) if d.encoder == "hf")
+            assert staged.purifier is not None
+            batching = measure_batching(staged.purifier, images, args.batching_rounds, progress)
+            batching["defense"] = staged.label
 
         # 5. Adaptive attack through the purifier.
         adaptive: dict[str, Any] | None = None

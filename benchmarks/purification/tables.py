@@ -168,7 +168,7 @@ def print_mix(console: Console, mix: dict[str, Any], rows: dict[str, dict[str, A
 def print_batching(console: Console, batching: dict[str, Any]) -> None:
     b1, b16 = batching["one_at_a_time"], batching["concurrent_16"]
     console.print(
-        f"micro-batching (PurifyStage, DiffCAP VLM tower DDIM, {batching['images']} images): "
+        f"micro-batching (PurifyStage, {batching['defense']}, {batching['images']} images): "
         f"one at a time {b1['images_per_s']:.1f} img/s, 16 concurrent {b16['images_per_s']:.1f} "
         f"img/s (mean batch {b16['mean_batch_size']:.1f}): {batching['speedup']:.2f}×"
     )

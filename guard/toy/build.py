@@ -120,7 +120,11 @@ def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
         figures.update(run_lanes(lanes, progress, cores))
         # The checks' images: all 200 test (validation) images, or half in a quick build.
         n = 100 if quick else None
-        key = {"diffusion": figures["diffusion"]["key"], "vlm": figures["vlm"]["key"], "n": n}
+        key = {
+            "diffusion": figures["diffusion"]["key"],
+            "vlm": figures["vlm"]["key"],
+            "check_images": n,
+        }
         figures["purification"] = _component(
             out / "purification", key, progress, lambda d: _purification_check(out, d, progress, n)
         )

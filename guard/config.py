@@ -122,6 +122,12 @@ class PurifyConfig(StageConfig):
     t_min: float = Field(
         0.0, ge=0, le=1, description="noise floor, fraction of T: no stop before it"
     )
+    t_escalate: float | None = Field(
+        None, ge=0, le=1, description="depth for images still moving at t_max (>= t_max)"
+    )
+    signal: Literal["noisy", "denoised"] = Field(
+        "noisy", description="embed x_k (DiffCAP) or the UNet's x0 estimate (+1 UNet call/check)"
+    )
     sampler: Literal["ddpm", "ddim"] = "ddim"
     ddim_steps: int = Field(10, ge=1)
     seed: int = 0
@@ -138,6 +144,10 @@ class PurifyConfig(StageConfig):
     def _floor_within_cap(self) -> PurifyConfig:
         if self.t_min > self.t_max:
             raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        if self.t_escalate is not None and self.t_escalate < self.t_max:
+            raise ValueError(
+                f"t_escalate ({self.t_escalate}) must be at least t_max ({self.t_max})"
+            )
         return self
 
 

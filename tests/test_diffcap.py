@@ -34,6 +34,7 @@ from guard.defenses.diffcap import (
     load_encoder,
     noise_steps,
 )
+from guard.defenses.diffcap.diffusion import predict_x0
 from guard.toy.vlm_parts import build_processor, corpus, llava_config, train_tokenizer
 from guard.toy.vlm_parts import vision_config as tiny_vision_config
 from tests.tiny_models import (
@@ -110,6 +111,8 @@ def _normalised(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
         ({"t_max": 1.2}, "t_max must be"),
         ({"t_min": 0.4, "t_max": 0.3}, "t_min must be in \\[0, t_max=0.3\\]"),
         ({"t_min": -0.1}, "t_min must be"),
+        ({"signal": "pixels"}, "signal must be 'noisy' or 'denoised'"),
+        ({"t_max": 0.1, "t_escalate": 0.05}, "t_escalate must be in \\[t_max=0.1, 1\\]"),
         ({"sampler": "euler"}, "sampler must be 'ddpm' or 'ddim', got 'euler'"),
         ({"ddim_steps": 0}, "ddim_steps must be >= 1"),
         ({"resolution": 0}, "resolution must be"),
@@ -263,6 +266,45 @@ def test_a_floor_stops_where_a_fixed_t_star_would(diffusion: Diffusion, t_min: f
     # The same noise path as DiffPure with t* = 20: the same pixels.
     (fixed,), _ = _purify(diffusion, [image], tau=None, t_max=0.02)
     assert fixed.t_star == 20 and torch.equal(floored.image, fixed.image)
+
+
+def test_an_image_still_moving_at_t_max_is_escalated(diffusion: Diffusion) -> None:
+    images = [_image(16, 16, 6), _image(16, 16, 7)]
+    encoder = PixelEncoder()  # fresh noise every step: cos < 1, so τ = 1 is never reached
+    results, calls = _purify(
+        diffusion, images, encoder, tau=1.0, t_max=0.01, t_escalate=0.03, sampler="ddpm"
+    )
+    assert [(r.t_star, r.stopped) for r in results] == [(30, "escalated")] * 2
+    assert all(r.unet_evals == 30 and len(r.similarities) == 2 for r in results)  # k = 5, 10
+    assert len(calls) == 30  # one DDPM chain from timestep 29, shared by both images
+    # The noise path goes on from k_max: the pixels of DiffPure with a fixed t* = 30.
+    fixed, _ = _purify(diffusion, images, tau=None, t_max=0.03, sampler="ddpm")
+    assert all(torch.equal(r.image, f.image) for r, f in zip(results, fixed, strict=True))
+    # A settled image is not escalated.
+    (settled,), _ = _purify(diffusion, images[:1], tau=-1.0, t_max=0.01, t_escalate=0.03)
+    assert (settled.t_star, settled.stopped) == (5, "tau")
+
+
+def test_denoised_signal_embeds_the_unets_x0_estimate(diffusion: Diffusion) -> None:
+    unet, scheduler = diffusion
+    image = _image(16, 16, 5)
+    settings = PurifySettings(tau=1.0, t_max=0.02, signal="denoised", sampler="ddpm")
+    purifier = Purifier(unet, scheduler, PixelEncoder(), settings)
+    with unet_calls(unet) as calls:
+        (result,) = purifier.purify_batch([image])
+    # One UNet call per check (timesteps 4, 9, 14, 19), then DDPM from 19 down to 0.
+    assert [int(c) for c in calls[:4]] == [4, 9, 14, 19]
+    assert result.unet_evals == len(calls) == 4 + 20 and result.encoder_evals == 5
+    # The first check compares φ(x̂_0(x_5)) with φ(x_0), on the purifier's own noise path.
+    x0, generators = purifier._prepare([image])
+    x5 = noise_steps(x0, purifier.schedule, 0, 5, generators)
+    with torch.inference_mode():
+        a = purifier.schedule.alphas_cumprod[4].float()
+        x0_hat = predict_x0(purifier.schedule, unet(x5, torch.tensor([4])).sample, x5, a)
+    expected = F.cosine_similarity(x0_hat.flatten(1), x0.flatten(1)).item()
+    assert result.similarities[0] == pytest.approx(expected, abs=1e-5)
+    noisy = F.cosine_similarity(x5.flatten(1), x0.flatten(1)).item()  # what "noisy" embeds
+    assert abs(noisy - expected) > 1e-5
 
 
 @pytest.mark.parametrize("t_max", [0.023, 0.02])  # k_max between checks, and on one

@@ -223,6 +223,10 @@ def test_profile_round_trip_and_identity_check(tmp_path: Path, models: dict[str,
         load_purifier(other)
     with pytest.raises(ConfigError, match="differs in: t_min"):
         load_purifier(cfg.model_copy(update={"profile": path, "t_min": 0.01}))
+    with pytest.raises(ConfigError, match="differs in: signal"):
+        load_purifier(cfg.model_copy(update={"profile": path, "signal": "denoised"}))
+    with pytest.raises(ConfigError, match="differs in: t_escalate"):
+        load_purifier(cfg.model_copy(update={"profile": path, "t_escalate": 0.1}))
     with pytest.raises(ConfigError, match="not both"):
         load_purifier(PurifyConfig(**models, profile=path, tau=0.5))
     (tmp_path / "bad.json").write_text("{not json")

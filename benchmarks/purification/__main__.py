@@ -56,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
         "--t-min", type=float, default=0.0, help="DiffCAP's noise floor, fraction of T"
     )
     parser.add_argument(
+        "--t-escalate",
+        type=float,
+        help="DiffCAP: depth (fraction of T) for images still moving at --t-max",
+    )
+    parser.add_argument(
+        "--signal",
+        choices=("noisy", "denoised"),
+        default="noisy",
+        help="what DiffCAP embeds at a check: x_k, or the UNet's x0 estimate",
+    )
+    parser.add_argument(
         "--samplers",
         default="ddpm,ddim",
         help="reverse samplers to compare, comma-separated (DDPM costs t* UNet calls per image)",

@@ -57,7 +57,11 @@ def calibrate_encoders(
             scheduler,
             encoder,
             PurifySettings(
-                check_every=args.check_every, t_max=args.t_max, t_min=args.t_min, seed=args.seed
+                check_every=args.check_every,
+                t_max=args.t_max,
+                t_min=args.t_min,
+                signal=args.signal,
+                seed=args.seed,
             ),
         )
         profiles[name] = calibrate_tau(probe, images, args, progress, name)

@@ -57,6 +57,8 @@ def build_defenses(
                 check_every=args.check_every,
                 t_max=args.t_max,
                 t_min=args.t_min,
+                signal=args.signal,
+                t_escalate=args.t_escalate,
                 sampler=sampler,
                 ddim_steps=args.ddim_steps,
                 seed=args.seed,

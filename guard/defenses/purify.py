@@ -253,6 +253,8 @@ def load_purifier(
         check_every=cfg.check_every,
         t_max=cfg.t_max,
         t_min=cfg.t_min,
+        signal=cfg.signal,
+        t_escalate=cfg.t_escalate,
         sampler=cfg.sampler,
         ddim_steps=cfg.ddim_steps,
         seed=cfg.seed,
@@ -265,6 +267,8 @@ def load_purifier(
         "check_every": cfg.check_every,
         "t_max": cfg.t_max,
         "t_min": cfg.t_min,
+        "signal": cfg.signal,
+        "t_escalate": cfg.t_escalate,
     }
     if profile is not None:
         profile.check_matches(identity)

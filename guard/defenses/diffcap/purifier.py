@@ -27,11 +27,18 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 from PIL import Image
 
-from guard.defenses.diffcap.diffusion import NoiseSchedule, Sampler, noise_steps, reverse
+from guard.defenses.diffcap.diffusion import (
+    NoiseSchedule,
+    Sampler,
+    noise_steps,
+    predict_x0,
+    reverse,
+)
 from guard.defenses.diffcap.encoders import Encoder
 
 log = logging.getLogger(__name__)
-Stop = Literal["tau", "t_max"]
+Stop = Literal["tau", "t_max", "escalated"]
+Signal = Literal["noisy", "denoised"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,15 @@ class PurifySettings:
     # similarity does not tell attacked images from clean ones (the toy world's tower), the
     # floor is what drowns the perturbation; the rule still adds noise where it says so.
     t_min: float = 0.0
+    # What the encoder embeds at a check: the noisy image x_k (DiffCAP), or the UNet's estimate
+    # of the clean image x̂_0(x_k) (one more UNet call per check). Probed on the toy world,
+    # the x̂_0 embedding moves while the denoiser strips a PGD perturbation and stays put for
+    # clean images, where the noisy image's embedding moves alike for both.
+    signal: Signal = "noisy"
+    # Where an image still moving at t_max goes (a fraction of T, ≥ t_max; None: stays at
+    # t_max). With a short t_max this turns "not settled like a clean image" into a deep
+    # purification for the few images it concerns, while settled ones stay shallow.
+    t_escalate: float | None = None
     sampler: Sampler = "ddim"
     ddim_steps: int = 10  # the main cost knob: UNet evaluations per image ≤ ddim_steps
     seed: int = 0
@@ -63,6 +79,14 @@ class PurifySettings:
             raise ValueError(f"t_max must be a fraction of T in (0, 1], got {self.t_max}")
         if not (math.isfinite(self.t_min) and 0 <= self.t_min <= self.t_max):
             raise ValueError(f"t_min must be in [0, t_max={self.t_max}], got {self.t_min}")
+        if self.t_escalate is not None and not (
+            math.isfinite(self.t_escalate) and self.t_max <= self.t_escalate <= 1
+        ):
+            raise ValueError(
+                f"t_escalate must be in [t_max={self.t_max}, 1] (or None), got {self.t_escalate}"
+            )
+        if self.signal not in ("noisy", "denoised"):
+            raise ValueError(f"signal must be 'noisy' or 'denoised', got {self.signal!r}")
         if self.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
         if self.ddim_steps < 1:
@@ -80,7 +104,7 @@ class PurifyResult:
     # cos(φ(x_k), φ(x_{k-check_every})), one per check (from the floor's first check on)
     similarities: tuple[float, ...]
     stopped: Stop
-    unet_evals: int
+    unet_evals: int  # the reverse chain's, plus one per embedding with signal="denoised"
     encoder_evals: int  # φ(x_0) (or φ at the check before the floor) plus one per check
 
 
@@ -91,6 +115,7 @@ class _Noised:
     traces: list[list[float]]
     stopped: list[Stop]
     encoder_evals: list[int]
+    check_unet_evals: list[int]  # UNet calls spent on checks (signal="denoised")
 
 
 class Purifier:
@@ -110,6 +135,8 @@ class Purifier:
         T = self.schedule.num_train_timesteps
         self.k_max = round(self.settings.t_max * T)
         self.k_min = round(self.settings.t_min * T)
+        escalate = self.settings.t_escalate
+        self.k_escalate = self.k_max if escalate is None else round(escalate * T)
         if self.k_max < 1:
             raise ValueError(f"t_max={self.settings.t_max} of T={T} rounds to 0 noising steps")
         size = self.settings.resolution or unet.config.sample_size
@@ -148,7 +175,7 @@ class Purifier:
                     t_star=noised.t_star[i],
                     similarities=tuple(noised.traces[i]),
                     stopped=noised.stopped[i],
-                    unet_evals=unet_evals[i],
+                    unet_evals=unet_evals[i] + noised.check_unet_evals[i],
                     encoder_evals=noised.encoder_evals[i],
                 )
                 for i, img in enumerate(images)
@@ -179,7 +206,9 @@ class Purifier:
     ) -> _Noised:
         """Noise all samples in lock-step until each stops (τ, if ``stop``) or reaches k_max."""
         s, n = self.settings, x0.shape[0]
-        out = _Noised(x0.clone(), [self.k_max] * n, [[] for _ in range(n)], ["t_max"] * n, [0] * n)
+        out = _Noised(
+            x0.clone(), [self.k_max] * n, [[] for _ in range(n)], ["t_max"] * n, [0] * n, [0] * n
+        )
         if s.tau is None and stop:
             out.x = noise_steps(out.x, self.schedule, 0, self.k_max, generators)
             return out
@@ -190,8 +219,7 @@ class Purifier:
             first = max(1, math.ceil(self.k_min / s.check_every)) * s.check_every
             k = min(first - s.check_every, self.k_max)
             out.x = noise_steps(out.x, self.schedule, 0, k, generators)
-        e_prev = self.encoder.embed(out.x).to(x0.device)  # (B, D)
-        out.encoder_evals = [1] * n
+        e_prev = self._embed(out.x, k, out, list(range(n)))  # (B, D)
         active = list(range(n))
         while active and k < self.k_max:
             until = min(k + s.check_every, self.k_max)
@@ -201,19 +229,38 @@ class Purifier:
             k = until
             if k % s.check_every:
                 break  # k_max falls between two checks: the cap stops everyone left
-            e = self.encoder.embed(out.x[idx]).to(x0.device)  # (A, D): frozen samples skipped
+            e = self._embed(out.x[idx], k, out, active)  # (A, D): frozen samples skipped
             cos = F.cosine_similarity(e, e_prev[idx], dim=-1).tolist()  # (A,)
             e_prev[idx] = e
             still = []
             for i, c in zip(active, cos, strict=True):
                 out.traces[i].append(float(c))
-                out.encoder_evals[i] += 1
                 if stop and s.tau is not None and c >= s.tau:
                     out.t_star[i], out.stopped[i] = k, "tau"
                 else:
                     still.append(i)
             active = still
+        moving = [i for i in range(n) if out.stopped[i] == "t_max"]
+        if stop and moving and self.k_escalate > self.k_max:
+            idx = torch.tensor(moving, device=x0.device)
+            gens = [generators[i] for i in moving]
+            out.x[idx] = noise_steps(out.x[idx], self.schedule, self.k_max, self.k_escalate, gens)
+            for i in moving:
+                out.t_star[i], out.stopped[i] = self.k_escalate, "escalated"
         return out
+
+    def _embed(self, x: torch.Tensor, k: int, out: _Noised, which: list[int]) -> torch.Tensor:
+        """φ of the samples ``which`` (A, 3, R, R), all after k noising steps: of x_k itself, or
+        of the UNet's x̂_0 estimate from it (signal="denoised"; nothing to denoise at k = 0)."""
+        if self.settings.signal == "denoised" and k > 0:
+            a = self.schedule.alphas_cumprod[k - 1].to(x.device, x.dtype)  # ᾱ at timestep k-1
+            t = torch.full((x.shape[0],), k - 1, device=x.device)
+            x = predict_x0(self.schedule, self.unet(x, t).sample, x, a)  # (A, 3, R, R)
+            for i in which:
+                out.check_unet_evals[i] += 1
+        for i in which:
+            out.encoder_evals[i] += 1
+        return self.encoder.embed(x).to(out.x.device)  # (A, D)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 
-from benchmarks.purification.common import chunks
-from guard.defenses.diffcap import Encoder, Purifier, PurifySettings
+from benchmarks.purification.common import chunks, diffcap_settings
+from guard.defenses.diffcap import Encoder, Purifier
 from guard.defenses.diffcap.profile import PurifyProfile, calibrate
 from guard.toy.data import to_tensor
 
@@ -56,13 +56,7 @@ def calibrate_encoders(
             unet,
             scheduler,
             encoder,
-            PurifySettings(
-                check_every=args.check_every,
-                t_max=args.t_max,
-                t_min=args.t_min,
-                signal=args.signal,
-                seed=args.seed,
-            ),
+            diffcap_settings(args),
         )
         profiles[name] = calibrate_tau(probe, images, args, progress, name)
     return profiles

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -19,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from guard.defenses.diffcap import Purifier, Sampler
+from guard.defenses.diffcap import Purifier, PurifySettings, Sampler
 
 RESULTS = Path(__file__).parent.parent / "results"  # benchmarks/results
 SAMPLERS: tuple[Sampler, ...] = ("ddpm", "ddim")
@@ -88,6 +90,19 @@ def progress_bar(console: Console) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=True,
+    )
+
+
+def diffcap_settings(args: argparse.Namespace, **more: Any) -> PurifySettings:
+    """DiffCAP's settings from the command line: one place, so that the calibration probe and
+    the defense rows noise and embed alike (a τ found for one signal means nothing for another)."""
+    return PurifySettings(
+        check_every=args.check_every,
+        t_max=args.t_max,
+        t_min=args.t_min,
+        signal=args.signal,
+        seed=args.seed,
+        **more,
     )
 
 

@@ -20,6 +20,7 @@ from benchmarks.purification.common import (
     Defense,
     Outcome,
     chunks,
+    diffcap_settings,
 )
 from guard.defenses.diffcap import Encoder, Purifier, PurifySettings
 from guard.defenses.diffcap.profile import PurifyProfile
@@ -52,16 +53,12 @@ def build_defenses(
                 )
             )
         for name, encoder in encoders.items():
-            settings = PurifySettings(
+            settings = diffcap_settings(
+                args,
                 tau=profiles[name].tau,
-                check_every=args.check_every,
-                t_max=args.t_max,
-                t_min=args.t_min,
-                signal=args.signal,
                 t_escalate=args.t_escalate,
                 sampler=sampler,
                 ddim_steps=args.ddim_steps,
-                seed=args.seed,
             )
             short = "VLM tower" if name == "hf" else "CLIP"
             defenses.append(

@@ -128,6 +128,12 @@ class PurifyConfig(StageConfig):
     signal: Literal["noisy", "denoised"] = Field(
         "noisy", description="embed x_k (DiffCAP) or the UNet's x0 estimate (+1 UNet call/check)"
     )
+    drift_tau: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="escalate when cos(phi(x0 estimate), phi(input)) < this (signal=denoised)",
+    )
     sampler: Literal["ddpm", "ddim"] = "ddim"
     ddim_steps: int = Field(10, ge=1)
     seed: int = 0
@@ -148,6 +154,8 @@ class PurifyConfig(StageConfig):
             raise ValueError(
                 f"t_escalate ({self.t_escalate}) must be at least t_max ({self.t_max})"
             )
+        if self.drift_tau is not None and self.signal != "denoised":
+            raise ValueError("drift_tau needs signal: denoised (x_k drifts for every image)")
         return self
 
 

@@ -113,6 +113,8 @@ def _normalised(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
         ({"t_min": -0.1}, "t_min must be"),
         ({"signal": "pixels"}, "signal must be 'noisy' or 'denoised'"),
         ({"t_max": 0.1, "t_escalate": 0.05}, "t_escalate must be in \\[t_max=0.1, 1\\]"),
+        ({"drift_tau": 0.9}, "drift_tau needs signal='denoised'"),
+        ({"drift_tau": 1.5, "signal": "denoised"}, "drift_tau must be a cosine in \\[-1, 1\\]"),
         ({"sampler": "euler"}, "sampler must be 'ddpm' or 'ddim', got 'euler'"),
         ({"ddim_steps": 0}, "ddim_steps must be >= 1"),
         ({"resolution": 0}, "resolution must be"),
@@ -305,6 +307,58 @@ def test_denoised_signal_embeds_the_unets_x0_estimate(diffusion: Diffusion) -> N
     assert result.similarities[0] == pytest.approx(expected, abs=1e-5)
     noisy = F.cosine_similarity(x5.flatten(1), x0.flatten(1)).item()  # what "noisy" embeds
     assert abs(noisy - expected) > 1e-5
+
+
+def test_the_drift_rule_escalates_at_the_first_check_below_drift_tau(diffusion: Diffusion) -> None:
+    image = _image(16, 16, 6)
+    kw: dict[str, Any] = {"signal": "denoised", "t_max": 0.02, "t_escalate": 0.03}
+    # τ = -1 would stop the image at the first check (k = 5); a drift below drift_tau comes first.
+    (kept,), _ = _purify(diffusion, [image], tau=-1.0, drift_tau=-1.0, sampler="ddpm", **kw)
+    assert (kept.t_star, kept.stopped, len(kept.drifts)) == (5, "tau", 1)
+    # Without a floor the first check compares with φ(x) itself: the drift is the similarity.
+    assert kept.drifts[0] == pytest.approx(kept.similarities[0])
+    (sent,), calls = _purify(diffusion, [image], tau=-1.0, drift_tau=1.0, sampler="ddpm", **kw)
+    assert (sent.t_star, sent.stopped, sent.drifts) == (30, "escalated", kept.drifts)
+    assert sent.unet_evals == len(calls) == 1 + 30  # the check's x̂_0, then DDPM from 29
+    # The noise path goes on from k = 5: the pixels of DiffPure with a fixed t* = 30.
+    (fixed,), _ = _purify(diffusion, [image], tau=None, t_max=0.03, sampler="ddpm")
+    assert torch.equal(sent.image, fixed.image)
+
+
+def test_the_drift_reference_under_a_floor_is_the_input_itself(diffusion: Diffusion) -> None:
+    unet, scheduler = diffusion
+    image = _image(16, 16, 8)
+    settings = PurifySettings(
+        tau=-1.0, t_min=0.01, t_max=0.02, signal="denoised", drift_tau=-1.0, sampler="ddpm"
+    )
+    purifier = Purifier(unet, scheduler, PixelEncoder(), settings)
+    (result,) = purifier.purify_batch([image])
+    # φ at k = 5 (the check before the floor), φ(x) for the drift, φ at the first check (k = 10).
+    assert (result.t_star, result.encoder_evals, len(result.drifts)) == (10, 3, 1)
+    x0, generators = purifier._prepare([image])
+    x10 = noise_steps(x0, purifier.schedule, 0, 10, generators)
+    with torch.inference_mode():
+        a = purifier.schedule.alphas_cumprod[9].float()
+        x0_hat = predict_x0(purifier.schedule, unet(x10, torch.tensor([9])).sample, x10, a)
+    expected = F.cosine_similarity(x0_hat.flatten(1), x0.flatten(1)).item()
+    assert result.drifts[0] == pytest.approx(expected, abs=1e-5)
+    assert abs(result.similarities[0] - expected) > 1e-5  # τ compares with k = 5 instead
+
+
+def test_the_drift_rule_sends_on_only_the_images_below_it(diffusion: Diffusion) -> None:
+    images = [_image(16, 16, seed) for seed in (11, 12, 13, 14)]
+    kw: dict[str, Any] = {"signal": "denoised", "t_max": 0.02, "t_escalate": 0.03}
+    probe, _ = _purify(diffusion, images, tau=-1.0, drift_tau=-1.0, **kw)
+    drifts = sorted(r.drifts[0] for r in probe)
+    assert drifts[1] < drifts[2]
+    cut = (drifts[1] + drifts[2]) / 2  # two images below, two above
+    batch, _ = _purify(diffusion, images, tau=-1.0, drift_tau=cut, **kw)
+    assert sorted(r.stopped for r in batch) == ["escalated", "escalated", "tau", "tau"]
+    for image, result, seen in zip(images, batch, probe, strict=True):
+        assert result.stopped == ("escalated" if seen.drifts[0] < cut else "tau")
+        (alone,), _ = _purify(diffusion, [image], tau=-1.0, drift_tau=cut, **kw)
+        assert (alone.t_star, alone.stopped) == (result.t_star, result.stopped)
+        assert torch.allclose(alone.image, result.image, atol=1e-5)
 
 
 @pytest.mark.parametrize("t_max", [0.023, 0.02])  # k_max between checks, and on one

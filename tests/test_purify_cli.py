@@ -92,6 +92,34 @@ def test_calibrate_then_run_with_the_profile(tmp_path: Path, model_flags: list[s
     assert "Traceback" not in other.stderr
 
 
+def test_calibrate_the_drift_rule_and_run_with_it(tmp_path: Path, model_flags: list[str]) -> None:
+    data = tmp_path / "clean"
+    data.mkdir()
+    for i in range(4):
+        gradient(16, 16, seed=10 + i).save(data / f"{i}.png")
+    out = ["--data", str(data), "--out", str(tmp_path / "p.json"), "--drift-quantile", "0.25"]
+    env = {"VLM_GUARD_PURIFY__T_MAX": "0.02", "VLM_GUARD_PURIFY__T_ESCALATE": "0.04"}
+    refused = _cli("calibrate", *model_flags, *out, env=env)
+    assert refused.returncode == 2
+    assert "--drift-quantile needs purify.signal: denoised" in refused.stderr
+    env["VLM_GUARD_PURIFY__SIGNAL"] = "denoised"
+    done = _cli("calibrate", *model_flags, *out, env=env)
+    assert done.returncode == 0, done.stderr
+    profile = PurifyProfile.load(tmp_path / "p.json")
+    assert json.loads(done.stdout)["drift_tau"] == profile.drift_tau
+    assert profile.drift_quantile == 0.25 and profile.drift_tau is not None
+    ran = _cli(
+        "run", *model_flags, "--profile", str(tmp_path / "p.json"), str(data / "0.png"),
+        "--out", str(tmp_path / "o"), env=env,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    line = json.loads(ran.stdout)
+    assert line["drift"] and all(-1 <= d <= 1 for d in line["drift"])
+    # Escalated (to 40) where the estimate drifted below drift_tau; kept shallow otherwise.
+    below = min(line["drift"]) < profile.drift_tau
+    assert line["stopped"] == "escalated" if below else line["t_star"] <= 20
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

@@ -19,11 +19,12 @@ from guard.config import ConfigError, PurifyConfig
 from guard.defenses.diffcap import (
     Purifier,
     PurifySettings,
+    Trace,
     load_diffusion,
     pil_to_tensor,
     tensor_to_pil,
 )
-from guard.defenses.diffcap.profile import PurifyProfile, calibrate
+from guard.defenses.diffcap.profile import PurifyProfile, calibrate, calibrate_purifier
 from guard.defenses.purify import PurifyStage, load_purifier
 from guard.errors import Overloaded
 from guard.intake.decode import image_digest
@@ -232,6 +233,35 @@ def test_profile_round_trip_and_identity_check(tmp_path: Path, models: dict[str,
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read purify profile"):
         load_purifier(cfg.model_copy(update={"profile": tmp_path / "bad.json"}))
+
+
+def test_profile_calibrates_the_drift_rule(tmp_path: Path, models: dict[str, str]) -> None:
+    cfg = PurifyConfig(**models, check_every=5, t_max=0.015, t_escalate=0.03, signal="denoised")
+    purifier, identity, _ = load_purifier(cfg)
+    sims = [(0.1, 0.5, 0.9), (0.2, 0.8, 0.95), (0.6, 0.7, 0.99)]
+    drifts = [(0.99, 0.98, 0.90), (0.97, 0.96, 0.5), (0.995, 0.99, 0.2)]
+    traces = [Trace(t, d) for t, d in zip(sims, drifts, strict=True)]
+    kw: dict[str, Any] = {"target_steps": 10, "quantile": 2 / 3, "identity": identity}
+    profile = calibrate_purifier(purifier, traces, drift_quantile=1 / 3, **kw)
+    # τ = 0.7 stops the images at k = 15, 10, 10; their lowest drifts on the way: 0.90, 0.96,
+    # 0.99. A third may escalate: drift_tau = 0.96, and the first image goes on to k = 30.
+    assert (profile.tau, profile.drift_tau, profile.drift_quantile) == (0.7, 0.96, 1 / 3)
+    assert profile.clean_mean == pytest.approx((30 + 10 + 10) / 3)
+    none = calibrate_purifier(purifier, traces, drift_quantile=0.0, **kw)
+    assert none.drift_tau == 0.90 and none.clean_mean == pytest.approx((15 + 10 + 10) / 3)
+    with pytest.raises(ValueError, match="drift_quantile must be in \\[0, 1\\)"):
+        calibrate_purifier(purifier, traces, drift_quantile=1.0, **kw)
+    noisy = [Trace(t, ()) for t in sims]  # signal="noisy" measures no drift
+    with pytest.raises(ValueError, match="needs every image's drifts"):
+        calibrate_purifier(purifier, noisy, drift_quantile=0.1, **kw)
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    loaded, _, _ = load_purifier(cfg.model_copy(update={"profile": path}))
+    assert (loaded.settings.tau, loaded.settings.drift_tau) == (0.7, 0.96)
+    with pytest.raises(ConfigError, match=r"set purify\.drift_tau or purify\.profile, not both"):
+        load_purifier(cfg.model_copy(update={"profile": path, "drift_tau": 0.5}))
+    with pytest.raises(ValueError, match="drift_tau needs signal: denoised"):
+        PurifyConfig(**models, drift_tau=0.9)
 
 
 def test_profile_with_a_floor_counts_only_checks_above_it(models: dict[str, str]) -> None:

@@ -20,7 +20,14 @@ from benchmarks.purification.adaptive import run_adaptive
 from benchmarks.purification.attacks import make_attacks
 from benchmarks.purification.batching import measure_batching
 from benchmarks.purification.calibration import calibrate_encoders
-from benchmarks.purification.common import RESULTS, SAMPLERS, Condition, Timer, progress_bar
+from benchmarks.purification.common import (
+    FIXED_T,
+    RESULTS,
+    SAMPLERS,
+    Condition,
+    Timer,
+    progress_bar,
+)
 from benchmarks.purification.defenses import build_defenses, evaluate_all
 from benchmarks.purification.plot import plot
 from benchmarks.purification.report import build_report, write_json
@@ -61,10 +68,21 @@ def _parser() -> argparse.ArgumentParser:
         help="DiffCAP: depth (fraction of T) for images still moving at --t-max",
     )
     parser.add_argument(
+        "--drift-quantile",
+        type=float,
+        help="DiffCAP (--signal denoised): calibrate the drift rule to escalate this share "
+        "of clean images",
+    )
+    parser.add_argument(
         "--signal",
         choices=("noisy", "denoised"),
         default="noisy",
         help="what DiffCAP embeds at a check: x_k, or the UNet's x0 estimate",
+    )
+    parser.add_argument(
+        "--fixed-t",
+        default=",".join(str(t) for t in FIXED_T),
+        help="DiffPure rows: fixed t* (fractions of T), comma-separated",
     )
     parser.add_argument(
         "--samplers",
@@ -105,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         args.adaptive = not args.quick
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        args.fixed_t = tuple(float(t) for t in args.fixed_t.split(",") if t.strip())
+    except ValueError:
+        args.fixed_t = ()
+    if not args.fixed_t or not all(0 < t <= 1 for t in args.fixed_t):
+        Console(stderr=True).print("[red]--fixed-t: fractions of T in (0, 1], e.g. 0.1,0.2[/red]")
+        return 2
     args.samplers = tuple(s.strip() for s in args.samplers.split(",") if s.strip())
     if not args.samplers or not set(args.samplers) <= set(SAMPLERS):
         Console(stderr=True).print(f"[red]--samplers: choose from {', '.join(SAMPLERS)}[/red]")
@@ -148,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             f"[red]need 0 <= --t-min <= --t-max and --target-steps in "
             f"[{max(args.check_every, k_min)}, {k_max}][/red]"
         )
+        return 2
+    if args.drift_quantile is not None and args.signal != "denoised":
+        console.print("[red]--drift-quantile needs --signal denoised[/red]")
         return 2
     console.print(
         f"toy world {world} ({manifest.get('mode')}, seed {manifest.get('seed')}): "

@@ -10,8 +10,8 @@ import numpy as np
 from rich.progress import Progress
 
 from benchmarks.purification.common import chunks, diffcap_settings
-from guard.defenses.diffcap import Encoder, Purifier
-from guard.defenses.diffcap.profile import PurifyProfile, calibrate
+from guard.defenses.diffcap import Encoder, Purifier, Trace
+from guard.defenses.diffcap.profile import PurifyProfile, calibrate_purifier
 from guard.toy.data import to_tensor
 
 
@@ -22,22 +22,21 @@ def calibrate_tau(
     progress: Progress,
     name: str,
 ) -> PurifyProfile:
-    """τ from noise-only similarity traces of clean validation images (no stop, to k_max)."""
+    """τ (and drift_tau) from noise-only traces of clean validation images (no stop, to k_max)."""
     tensors = to_tensor(images)
     parts = chunks(len(images), args.batch)
     task = progress.add_task(f"calibrating τ ({name})", total=len(images))
-    traces: list[tuple[float, ...]] = []
+    traces: list[Trace] = []
     for part in parts:
-        traces.extend(purifier.similarity_traces(list(tensors[part])))
+        traces.extend(purifier.traces(list(tensors[part])))
         progress.advance(task, part.stop - part.start)
-    return calibrate(
+    return calibrate_purifier(
+        purifier,
         traces,
-        check_every=purifier.settings.check_every,
-        k_max=purifier.k_max,
         target_steps=args.target_steps,
         quantile=args.quantile,
         identity={"encoder": name, "check_every": purifier.settings.check_every},
-        k_min=purifier.k_min,
+        drift_quantile=args.drift_quantile,
     )
 
 

@@ -101,6 +101,7 @@ def diffcap_settings(args: argparse.Namespace, **more: Any) -> PurifySettings:
         t_max=args.t_max,
         t_min=args.t_min,
         signal=args.signal,
+        t_escalate=args.t_escalate,
         seed=args.seed,
         **more,
     )

@@ -15,7 +15,6 @@ from PIL import Image
 from rich.progress import Progress
 
 from benchmarks.purification.common import (
-    FIXED_T,
     Condition,
     Defense,
     Outcome,
@@ -38,7 +37,7 @@ def build_defenses(
     """Every row of the main table, in table order; DiffCAP's τ comes from ``profiles``."""
     defenses = [Defense("none", "none", "none"), Defense("jpeg75", "JPEG q75", "jpeg")]
     for sampler in args.samplers:
-        for t in FIXED_T:
+        for t in args.fixed_t:
             settings = PurifySettings(
                 tau=None, t_max=t, sampler=sampler, ddim_steps=args.ddim_steps, seed=args.seed
             )
@@ -56,7 +55,7 @@ def build_defenses(
             settings = diffcap_settings(
                 args,
                 tau=profiles[name].tau,
-                t_escalate=args.t_escalate,
+                drift_tau=profiles[name].drift_tau,
                 sampler=sampler,
                 ddim_steps=args.ddim_steps,
             )

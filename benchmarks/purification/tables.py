@@ -79,6 +79,11 @@ def print_t_star(
             f"images stop within {p.target_steps} noise steps (their t*: mean "
             f"{p.clean_mean:.1f}, p50 {p.clean_quantiles['p50']:.0f}, "
             f"p90 {p.clean_quantiles['p90']:.0f})"
+            + (
+                f"; drift_tau {p.drift_tau:.6f} (escalates ≤ {100 * p.drift_quantile:.0f}%)"
+                if p.drift_tau is not None and p.drift_quantile is not None
+                else ""
+            )
             + (f"; t* same for DDPM and DDIM: {same[name]}" if name in same else "")
         )
     tstar = Table(

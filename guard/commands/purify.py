@@ -39,6 +39,12 @@ def add_parser(sub: Any) -> None:
     calibrate.add_argument(
         "--quantile", type=float, default=0.9, help="share of clean images that must stop in time"
     )
+    calibrate.add_argument(
+        "--drift-quantile",
+        type=float,
+        help="also calibrate the drift rule: the share of clean images it may escalate "
+        "(needs signal: denoised in the config)",
+    )
     calibrate.add_argument("--limit", type=int, help="use at most this many images")
     calibrate.add_argument("--batch", type=int, default=32)
     run = tools.add_parser("run", help="purify image files")
@@ -80,7 +86,8 @@ def _purify_config(args: argparse.Namespace) -> PurifyConfig:
 def _calibrate(args: argparse.Namespace, cfg: PurifyConfig) -> int:
     from rich.progress import Progress
 
-    from guard.defenses.diffcap.profile import calibrate
+    from guard.defenses.diffcap import Trace
+    from guard.defenses.diffcap.profile import calibrate_purifier
     from guard.defenses.purify import load_purifier
 
     if args.profile is not None:
@@ -92,21 +99,22 @@ def _calibrate(args: argparse.Namespace, cfg: PurifyConfig) -> int:
         raise ConfigError(f"no images found in {args.data}")
     purifier, identity, _ = load_purifier(cfg, use_profile=False)
     target = args.target_steps or purifier.k_min + 2 * cfg.check_every
-    traces: list[tuple[float, ...]] = []
+    if args.drift_quantile is not None and cfg.signal != "denoised":
+        raise ConfigError("--drift-quantile needs purify.signal: denoised")
+    traces: list[Trace] = []
     with Progress(transient=True) as progress:
         task = progress.add_task("noising clean images", total=len(paths))
         for chunk in _chunks(paths, args.batch):
-            traces.extend(purifier.similarity_traces([_tensor(p) for p in chunk]))
+            traces.extend(purifier.traces([_tensor(p) for p in chunk]))
             progress.advance(task, len(chunk))
     try:
-        profile = calibrate(
+        profile = calibrate_purifier(
+            purifier,
             traces,
-            check_every=cfg.check_every,
-            k_max=purifier.k_max,
             target_steps=target,
             quantile=args.quantile,
             identity=identity,
-            k_min=purifier.k_min,
+            drift_quantile=args.drift_quantile,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -115,6 +123,7 @@ def _calibrate(args: argparse.Namespace, cfg: PurifyConfig) -> int:
         "profile": str(args.out),
         "images": profile.images,
         "tau": profile.tau,
+        "drift_tau": profile.drift_tau,
         "clean_t_star_mean": round(profile.clean_mean, 2),
         "clean_t_star_std": round(profile.clean_std, 2),
     }
@@ -138,6 +147,7 @@ def _run(args: argparse.Namespace, cfg: PurifyConfig) -> int:
             "t_star": result.t_star,
             "stopped": result.stopped,
             "similarity": [round(s, 6) for s in result.similarities],
+            "drift": [round(d, 6) for d in result.drifts],
             "unet_evals": result.unet_evals,
         }
         if profile is not None:

@@ -51,13 +51,14 @@ class Purified:
     digest: str
     steps: int  # t*
     similarity: tuple[float, ...]
+    drift: tuple[float, ...]  # with the drift rule on: cos(φ(x̂_0), φ(input)) per check
     stopped: str
     unet_evals: int
     encoder_evals: int
 
     def nbytes(self) -> int:
         width, height = self.image.size
-        return width * height * 3 + 8 * len(self.similarity) + 256
+        return width * height * 3 + 8 * (len(self.similarity) + len(self.drift)) + 256
 
 
 class PurifyStage:
@@ -146,6 +147,7 @@ class PurifyStage:
                 {
                     "steps": r.steps,
                     "similarity": list(r.similarity),
+                    "drift": list(r.drift),
                     "stopped": r.stopped,
                     "score": s,
                     "unet_evals": r.unet_evals,
@@ -211,6 +213,7 @@ class PurifyStage:
                     digest=image_digest(image),
                     steps=r.t_star,
                     similarity=tuple(r.similarities),
+                    drift=tuple(r.drifts),
                     stopped=r.stopped,
                     unet_evals=r.unet_evals,
                     encoder_evals=r.encoder_evals,
@@ -228,8 +231,9 @@ def load_purifier(
     if cfg.encoder_model is None:
         raise ConfigError("purify.encoder_model must name the encoder (see purify.encoder)")
     profile = PurifyProfile.load(cfg.profile) if use_profile and cfg.profile else None
-    if profile is not None and "tau" in cfg.model_fields_set:
-        raise ConfigError("set purify.tau or purify.profile, not both (the profile holds tau)")
+    for key in ("tau", "drift_tau"):
+        if profile is not None and key in cfg.model_fields_set:
+            raise ConfigError(f"set purify.{key} or purify.profile, not both (the profile has it)")
     for key, where in (("diffusion", cfg.diffusion), ("encoder_model", cfg.encoder_model)):
         local = where.removeprefix("local-dir:")
         # A hub id is "org/name"; a path that is plainly local and missing fails fast here
@@ -255,6 +259,7 @@ def load_purifier(
         t_min=cfg.t_min,
         signal=cfg.signal,
         t_escalate=cfg.t_escalate,
+        drift_tau=profile.drift_tau if profile is not None else cfg.drift_tau,
         sampler=cfg.sampler,
         ddim_steps=cfg.ddim_steps,
         seed=cfg.seed,

@@ -286,27 +286,26 @@ def _purify_profile(
 ) -> dict[str, Any]:
     """Calibrate τ on the clean validation images, as ``vlm-guard purify calibrate`` does."""
     from guard.config import PurifyConfig
-    from guard.defenses.diffcap.profile import calibrate
+    from guard.defenses.diffcap import Trace
+    from guard.defenses.diffcap.profile import calibrate_purifier
     from guard.defenses.purify import load_purifier
 
     purifier, identity, _ = load_purifier(
         PurifyConfig(**purify_config(out, profile=False)), use_profile=False
     )
     images = to_tensor(eval_images(load_splits()["val"])[:n])
-    traces: list[tuple[float, ...]] = []
+    traces: list[Trace] = []
     chunks = range(0, len(images), 50)
     with task(progress, "purify calibration", len(chunks)) as advance:
         for i in chunks:
-            traces.extend(purifier.similarity_traces(list(images[i : i + 50])))
+            traces.extend(purifier.traces(list(images[i : i + 50])))
             advance()
-    profile = calibrate(
+    profile = calibrate_purifier(
+        purifier,
         traces,
-        check_every=PROFILE.check_every,
-        k_max=purifier.k_max,
         target_steps=PROFILE.target_steps,
         quantile=PROFILE.quantile,
         identity=identity,
-        k_min=purifier.k_min,
     )
     profile.save(directory / "profile.json")
     return {"tau": profile.tau, "clean_t_star_mean": round(profile.clean_mean, 2)}

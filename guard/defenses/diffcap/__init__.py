@@ -1,7 +1,8 @@
 """DiffCAP purification: adaptive-depth diffusion purification of images (DESIGN.md §4.1).
 
 The model-side core, plain synchronous torch: embedding backends (``encoders``), diffusion
-loading and per-sample reverse sampling (``diffusion``) and the batch purifier (``purifier``).
+loading and per-sample reverse sampling (``diffusion``), the stop rule's settings
+(``settings``) and the batch purifier (``purifier``).
 """
 
 from guard.defenses.diffcap.diffusion import (
@@ -24,10 +25,11 @@ from guard.defenses.diffcap.encoders import (
 from guard.defenses.diffcap.purifier import (
     Purifier,
     PurifyResult,
-    PurifySettings,
+    Trace,
     pil_to_tensor,
     tensor_to_pil,
 )
+from guard.defenses.diffcap.settings import PurifySettings, Signal, Stop
 
 __all__ = [
     "Encoder",
@@ -38,6 +40,9 @@ __all__ = [
     "PurifyResult",
     "PurifySettings",
     "Sampler",
+    "Signal",
+    "Stop",
+    "Trace",
     "denoise",
     "load_diffusion",
     "load_encoder",

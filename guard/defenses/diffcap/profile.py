@@ -7,7 +7,10 @@ may use (``target_steps``) and the share of clean images that must stop within i
 its best similarity up to ``target_steps``; so τ is the ⌈quantile·n⌉-th largest m_i.
 With a noise floor k_min (``PurifySettings.t_min``) only checks at k ≥ k_min count, and the
 budget is counted on top of it: target_steps ≥ k_min.
-The clean t* distribution under that τ becomes the reference for the adversarial score,
+Optionally the drift rule's threshold too (signal="denoised"): following each clean image's
+checks up to where τ stops it, m_i is its lowest cos(φ(x̂_0(x_k)), φ(x)); drift_tau is the
+⌊drift_quantile·n⌋-th smallest m_i (0-based), so at most that share of clean images escalates.
+The clean t* distribution under these thresholds becomes the reference for the adversarial score,
 z = (t* − mean) / max(std, check_every): how many clean spreads more noise an image needed.
 
 A profile belongs to one purifier (diffusion model, encoder, noise schedule and check spacing):
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from guard.config import ConfigError
+from guard.defenses.diffcap.purifier import Purifier, Trace
 
 VERSION = 1
 
@@ -43,6 +47,8 @@ class PurifyProfile:
     identity: Mapping[str, Any]  # the purifier it was made for (Purifier.identity without tau)
     version: int = VERSION
     k_min: int = 0  # the noise floor it was calibrated with (also in identity, as t_min)
+    drift_tau: float | None = None  # the drift rule's threshold; None: the rule is off
+    drift_quantile: float | None = None  # the share of clean images it may escalate
 
     def score(self, steps: int) -> float:
         """How far beyond clean images this t* is, in clean standard deviations."""
@@ -74,16 +80,54 @@ class PurifyProfile:
 
 
 def stop_step(
-    trace: Sequence[float], tau: float, check_every: int, k_max: int, k_min: int = 0
+    trace: Sequence[float],
+    tau: float,
+    check_every: int,
+    k_max: int,
+    k_min: int = 0,
+    *,
+    drifts: Sequence[float] = (),
+    drift_tau: float | None = None,
+    k_escalate: int | None = None,
 ) -> int:
-    """t* of a noise-only similarity trace (check j at step (j + 1)·check_every) under τ."""
+    """t* of a noise-only trace (check j at step (j + 1)·check_every) under τ and, given the
+    check's drifts, the drift rule; as ``Purifier`` does, drift is tested before τ."""
+    escalate = k_max if k_escalate is None else k_escalate
     for j, similarity in enumerate(trace):
         step = (j + 1) * check_every
         if step > k_max:
             break
-        if step >= k_min and similarity >= tau:
+        if step < k_min:
+            continue
+        if drift_tau is not None and j < len(drifts) and drifts[j] < drift_tau:
+            return escalate
+        if similarity >= tau:
             return step
-    return k_max
+    return escalate
+
+
+def calibrate_purifier(
+    purifier: Purifier,
+    traces: Sequence[Trace],
+    *,
+    target_steps: int,
+    quantile: float,
+    identity: Mapping[str, Any],
+    drift_quantile: float | None = None,
+) -> PurifyProfile:
+    """:func:`calibrate` with the bounds ``purifier`` noises with (traces from its ``traces``)."""
+    return calibrate(
+        [t.similarities for t in traces],
+        check_every=purifier.settings.check_every,
+        k_max=purifier.k_max,
+        target_steps=target_steps,
+        quantile=quantile,
+        identity=identity,
+        k_min=purifier.k_min,
+        drifts=[t.drifts for t in traces],
+        drift_quantile=drift_quantile,
+        k_escalate=purifier.k_escalate,
+    )
 
 
 def calibrate(
@@ -95,8 +139,11 @@ def calibrate(
     quantile: float,
     identity: Mapping[str, Any],
     k_min: int = 0,
+    drifts: Sequence[Sequence[float]] | None = None,
+    drift_quantile: float | None = None,
+    k_escalate: int | None = None,
 ) -> PurifyProfile:
-    """Pick τ from clean images' full similarity traces (noised to ``k_max``, no stop)."""
+    """Pick τ (and drift_tau) from clean images' full traces (noised to ``k_max``, no stop)."""
     if not traces:
         raise ValueError("calibration needs at least one image")
     if not 0 < quantile <= 1:
@@ -114,8 +161,26 @@ def calibrate(
     # The largest τ that at least ceil(quantile · n) images reach: the ceil(q·n)-th largest m_i.
     must_stop = max(1, math.ceil(quantile * len(best) - 1e-9))
     tau = float(best[must_stop - 1])
+    drift_tau = None
+    if drift_quantile is not None:
+        if drifts is None or len(drifts) != len(traces) or any(not d for d in drifts):
+            raise ValueError("the drift rule needs every image's drifts (signal='denoised')")
+        drift_tau = _drift_threshold(traces, drifts, tau, check_every, k_max, k_min, drift_quantile)
     steps = np.array(
-        [stop_step(t, tau, check_every, k_max, k_min) for t in traces], dtype=np.float64
+        [
+            stop_step(
+                t,
+                tau,
+                check_every,
+                k_max,
+                k_min,
+                drifts=d,
+                drift_tau=drift_tau,
+                k_escalate=k_escalate,
+            )
+            for t, d in zip(traces, drifts or [()] * len(traces), strict=True)
+        ],
+        dtype=np.float64,
     )
     return PurifyProfile(
         tau=tau,
@@ -128,7 +193,30 @@ def calibrate(
         images=len(traces),
         identity=dict(identity),
         k_min=k_min,
+        drift_tau=drift_tau,
+        drift_quantile=drift_quantile,
     )
+
+
+def _drift_threshold(
+    traces: Sequence[Sequence[float]],
+    drifts: Sequence[Sequence[float]],
+    tau: float,
+    check_every: int,
+    k_max: int,
+    k_min: int,
+    quantile: float,
+) -> float:
+    """The ⌊quantile·n⌋-th smallest of each image's lowest drift on its way to t* under τ."""
+    if not 0 <= quantile < 1:
+        raise ValueError(f"drift_quantile must be in [0, 1), got {quantile}")
+    lowest = []
+    for t, d in zip(traces, drifts, strict=True):
+        stop = stop_step(t, tau, check_every, k_max, k_min)  # without the drift rule
+        seen = [d[j] for j in range(len(d)) if k_min <= (j + 1) * check_every <= stop]
+        lowest.append(min(seen) if seen else math.inf)
+    # Images whose lowest drift is below the threshold escalate: at most ⌊q·n⌋ of them.
+    return float(sorted(lowest)[math.floor(quantile * len(lowest) + 1e-9)])
 
 
 def _jsonable(value: Any) -> Any:

@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,72 +29,14 @@ from PIL import Image
 
 from guard.defenses.diffcap.diffusion import (
     NoiseSchedule,
-    Sampler,
     noise_steps,
     predict_x0,
     reverse,
 )
 from guard.defenses.diffcap.encoders import Encoder
+from guard.defenses.diffcap.settings import PurifySettings, Stop
 
 log = logging.getLogger(__name__)
-Stop = Literal["tau", "t_max", "escalated"]
-Signal = Literal["noisy", "denoised"]
-
-
-@dataclass(frozen=True)
-class PurifySettings:
-    # A cosine threshold in [-1, 1]. Small encoders sit above 0.99 from the first steps, so
-    # useful values are close to 1; calibrate on clean images. None turns the adaptive stop off:
-    # every image is noised to k_max with no encoder calls (DiffPure with a fixed t*).
-    tau: float | None = 0.999
-    check_every: int = 5  # noising steps between two encoder checks
-    t_max: float = 0.3  # cap on t* as a fraction of the T training timesteps
-    # Floor on t*, a fraction of T: the stop rule may not fire before it. Where an encoder's
-    # similarity does not tell attacked images from clean ones (the toy world's tower), the
-    # floor is what drowns the perturbation; the rule still adds noise where it says so.
-    t_min: float = 0.0
-    # What the encoder embeds at a check: the noisy image x_k (DiffCAP), or the UNet's estimate
-    # of the clean image x̂_0(x_k) (one more UNet call per check). Probed on the toy world,
-    # the x̂_0 embedding moves while the denoiser strips a PGD perturbation and stays put for
-    # clean images, where the noisy image's embedding moves alike for both.
-    signal: Signal = "noisy"
-    # Where an image still moving at t_max goes (a fraction of T, ≥ t_max; None: stays at
-    # t_max). With a short t_max this turns "not settled like a clean image" into a deep
-    # purification for the few images it concerns, while settled ones stay shallow.
-    t_escalate: float | None = None
-    sampler: Sampler = "ddim"
-    ddim_steps: int = 10  # the main cost knob: UNet evaluations per image ≤ ddim_steps
-    seed: int = 0
-    resolution: int | None = None  # None: the UNet's sample_size
-
-    def __post_init__(self) -> None:
-        if self.tau is not None and not (math.isfinite(self.tau) and -1 <= self.tau <= 1):
-            raise ValueError(
-                f"tau must be a cosine threshold in [-1, 1] (or None for a fixed t*), "
-                f"got {self.tau}"
-            )
-        if self.check_every < 1:
-            raise ValueError(f"check_every must be >= 1 noising step, got {self.check_every}")
-        if not (math.isfinite(self.t_max) and 0 < self.t_max <= 1):
-            raise ValueError(f"t_max must be a fraction of T in (0, 1], got {self.t_max}")
-        if not (math.isfinite(self.t_min) and 0 <= self.t_min <= self.t_max):
-            raise ValueError(f"t_min must be in [0, t_max={self.t_max}], got {self.t_min}")
-        if self.t_escalate is not None and not (
-            math.isfinite(self.t_escalate) and self.t_max <= self.t_escalate <= 1
-        ):
-            raise ValueError(
-                f"t_escalate must be in [t_max={self.t_max}, 1] (or None), got {self.t_escalate}"
-            )
-        if self.signal not in ("noisy", "denoised"):
-            raise ValueError(f"signal must be 'noisy' or 'denoised', got {self.signal!r}")
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
-        if self.ddim_steps < 1:
-            raise ValueError(f"ddim_steps must be >= 1, got {self.ddim_steps}")
-        if self.resolution is not None and self.resolution < 1:
-            raise ValueError(
-                f"resolution must be a positive number of pixels, got {self.resolution}"
-            )
 
 
 @dataclass(frozen=True)
@@ -104,8 +46,18 @@ class PurifyResult:
     # cos(φ(x_k), φ(x_{k-check_every})), one per check (from the floor's first check on)
     similarities: tuple[float, ...]
     stopped: Stop
+    # cos(φ(x̂_0(x_k)), φ(x)), one per check, when the drift rule is on (drift_tau)
+    drifts: tuple[float, ...]
     unet_evals: int  # the reverse chain's, plus one per embedding with signal="denoised"
     encoder_evals: int  # φ(x_0) (or φ at the check before the floor) plus one per check
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One image's checks from k_min (or the first check) to k_max, for calibration."""
+
+    similarities: tuple[float, ...]  # cos(φ at check j, φ at check j - 1)
+    drifts: tuple[float, ...]  # cos(φ(x̂_0) at check j, φ(x)); empty with signal="noisy"
 
 
 @dataclass
@@ -116,6 +68,7 @@ class _Noised:
     stopped: list[Stop]
     encoder_evals: list[int]
     check_unet_evals: list[int]  # UNet calls spent on checks (signal="denoised")
+    drifts: list[list[float]]  # cos(φ(x̂_0(x_k)), φ(x)) per check, where measured
 
 
 class Purifier:
@@ -175,6 +128,7 @@ class Purifier:
                     t_star=noised.t_star[i],
                     similarities=tuple(noised.traces[i]),
                     stopped=noised.stopped[i],
+                    drifts=tuple(noised.drifts[i]),
                     unet_evals=unet_evals[i] + noised.check_unet_evals[i],
                     encoder_evals=noised.encoder_evals[i],
                 )
@@ -183,14 +137,17 @@ class Purifier:
         log.debug("purified %d images: t* %s", len(results), noised.t_star)
         return results
 
-    def similarity_traces(self, images: Sequence[torch.Tensor]) -> list[tuple[float, ...]]:
-        """Every check's similarity up to k_max, with no stop and no denoising (calibration)."""
+    def traces(self, images: Sequence[torch.Tensor]) -> list[Trace]:
+        """Every check's similarity (and drift, with signal="denoised") up to k_max, with no
+        stop and no denoising: what calibration works from."""
         if not images:
             return []
         with torch.inference_mode():
             x0, generators = self._prepare(images)
             noised = self._noise(x0, generators, stop=False)
-        return [tuple(t) for t in noised.traces]
+        return [
+            Trace(tuple(t), tuple(d)) for t, d in zip(noised.traces, noised.drifts, strict=True)
+        ]
 
     def _prepare(
         self, images: Sequence[torch.Tensor]
@@ -207,7 +164,13 @@ class Purifier:
         """Noise all samples in lock-step until each stops (τ, if ``stop``) or reaches k_max."""
         s, n = self.settings, x0.shape[0]
         out = _Noised(
-            x0.clone(), [self.k_max] * n, [[] for _ in range(n)], ["t_max"] * n, [0] * n, [0] * n
+            x0.clone(),
+            [self.k_max] * n,
+            [[] for _ in range(n)],
+            ["t_max"] * n,
+            [0] * n,
+            [0] * n,
+            [[] for _ in range(n)],
         )
         if s.tau is None and stop:
             out.x = noise_steps(out.x, self.schedule, 0, self.k_max, generators)
@@ -220,6 +183,11 @@ class Purifier:
             k = min(first - s.check_every, self.k_max)
             out.x = noise_steps(out.x, self.schedule, 0, k, generators)
         e_prev = self._embed(out.x, k, out, list(range(n)))  # (B, D)
+        # The drift reference φ(x): e_prev already, unless the floor pre-noised the batch.
+        e_input: torch.Tensor | None = None
+        if s.signal == "denoised" and (s.drift_tau is not None or not stop):
+            e_input = e_prev if k == 0 else self._embed(x0, 0, out, list(range(n)))  # (B, D)
+        escalate: dict[int, list[int]] = {}  # noising step → images sent on from there
         active = list(range(n))
         while active and k < self.k_max:
             until = min(k + s.check_every, self.k_max)
@@ -231,21 +199,33 @@ class Purifier:
                 break  # k_max falls between two checks: the cap stops everyone left
             e = self._embed(out.x[idx], k, out, active)  # (A, D): frozen samples skipped
             cos = F.cosine_similarity(e, e_prev[idx], dim=-1).tolist()  # (A,)
+            drift = (
+                [math.nan] * len(active)
+                if e_input is None
+                else F.cosine_similarity(e, e_input[idx], dim=-1).tolist()  # (A,)
+            )
             e_prev[idx] = e
             still = []
-            for i, c in zip(active, cos, strict=True):
+            for i, c, d in zip(active, cos, drift, strict=True):
                 out.traces[i].append(float(c))
-                if stop and s.tau is not None and c >= s.tau:
+                if e_input is not None:
+                    out.drifts[i].append(float(d))
+                if stop and s.drift_tau is not None and d < s.drift_tau:
+                    escalate.setdefault(k, []).append(i)
+                elif stop and s.tau is not None and c >= s.tau:
                     out.t_star[i], out.stopped[i] = k, "tau"
                 else:
                     still.append(i)
             active = still
-        moving = [i for i in range(n) if out.stopped[i] == "t_max"]
-        if stop and moving and self.k_escalate > self.k_max:
-            idx = torch.tensor(moving, device=x0.device)
-            gens = [generators[i] for i in moving]
-            out.x[idx] = noise_steps(out.x[idx], self.schedule, self.k_max, self.k_escalate, gens)
-            for i in moving:
+        flagged = {i for which in escalate.values() for i in which}
+        capped = [i for i in range(n) if out.stopped[i] == "t_max" and i not in flagged]
+        if stop and capped and self.k_escalate > self.k_max:
+            escalate.setdefault(self.k_max, []).extend(capped)
+        for start, which in escalate.items():
+            idx = torch.tensor(which, device=x0.device)
+            gens = [generators[i] for i in which]
+            out.x[idx] = noise_steps(out.x[idx], self.schedule, start, self.k_escalate, gens)
+            for i in which:
                 out.t_star[i], out.stopped[i] = self.k_escalate, "escalated"
         return out
 

@@ -164,7 +164,18 @@ class ReasonerConfig(StageConfig):
 
 
 class BackdoorConfig(StageConfig):
-    pass
+    """BYE attention-entropy monitor + cross-view check (DESIGN.md §4.2)."""
+
+    model: str | None = Field(
+        None, description="the served model's weights: hub id or local directory (transformers)"
+    )
+    profile: Path | None = Field(
+        None, description="calibration profile (vlm-guard backdoor calibrate): layers, thresholds"
+    )
+    device: str = "cpu"
+    max_batch: int = Field(8, ge=1, description="(image, prompt) pairs per prefill")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company")
+    max_queue: int = Field(256, ge=1, description="waiting pairs before requests are refused")
 
 
 class PipelineConfig(_Section):

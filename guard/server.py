@@ -37,7 +37,12 @@ def build_stages(cfg: GuardConfig, metrics: Metrics | None = None) -> list[Stage
 
             stages.append(PurifyStage.from_config(cfg.purify, metrics))
             continue
-        # The other defenses arrive with issues #5-#6; until then, say so at start-up
+        if name == "backdoor":
+            from guard.defenses.backdoor import BackdoorStage
+
+            stages.append(BackdoorStage.from_config(cfg.backdoor, metrics))
+            continue
+        # The reasoner arrives with issue #6; until then, say so at start-up
         # instead of serving without them.
         raise ConfigError(
             f"defense '{name}' is not available in this version; "

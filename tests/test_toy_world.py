@@ -16,7 +16,8 @@ import torch
 
 from guard.defenses.diffcap.profile import PurifyProfile
 from guard.toy.attacks import PGDSettings, answer_loss, pgd_vlm
-from guard.toy.build import BuildOptions, build_world, purify_config
+from guard.toy.build import BuildOptions, build_world
+from guard.toy.checks import purify_config
 from guard.toy.data import eval_images, load_splits, to_pil, to_tensor
 from guard.toy.openai_server import create_app
 from guard.toy.triggers import Trigger

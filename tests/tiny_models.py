@@ -65,3 +65,24 @@ def unet_calls(unet: UNet2DModel) -> Iterator[list[torch.Tensor]]:
         yield calls
     finally:
         del unet.forward  # back to the class's method
+
+
+def save_tiny_llava(path: Path, *, layers: int = 3, seed: int = 0) -> Any:
+    """A tiny random LLaVA (8-px patches: 16 image tokens) + processor saved at ``path``;
+    returns the model, loaded back with eager attention as the backdoor monitor loads it."""
+    from transformers import LlavaForConditionalGeneration
+
+    from guard.toy.vlm_parts import build_processor, corpus, llava_config, train_tokenizer
+    from guard.toy.vlm_parts import vision_config as tiny_vision_config
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(corpus(), vocab_size=300)
+    vision = tiny_vision_config(width=32, layers=1, patch=8)
+    model = LlavaForConditionalGeneration(
+        llava_config(tokenizer, vision=vision, width=32, layers=layers)
+    )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    build_processor(tokenizer, patch=8).save_pretrained(path)
+    return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()

@@ -29,7 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 from guard.toy.attacks import PGDSettings, pgd_vlm
-from guard.toy.build import BuildOptions, build_world, purify_config
+from guard.toy.build import BuildOptions, build_world
+from guard.toy.checks import purify_config
 from guard.toy.data import DIGITS, eval_images, load_splits
 from guard.toy.processes import GUARD, free_port, running
 from guard.toy.triggers import Trigger

@@ -70,6 +70,8 @@ class PurifyProfile:
     def load(cls, path: Path) -> PurifyProfile:
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ConfigError(f"purify profile {path}: expected a JSON object")
             if data.get("version") != VERSION:
                 raise ConfigError(
                     f"purify profile {path}: version {data.get('version')!r}, expected {VERSION}"

@@ -1,0 +1,114 @@
+"""The monitored model with its profile: screen (image, prompt) pairs for backdoor triggers.
+
+The model is the one the upstream serves, loaded with transformers' auto classes (a hub id or a
+local directory) with eager attention. Its identity (name, configuration, size and a digest of
+its first and last weight tensors) goes into every profile, so a profile calibrated on another
+model is refused rather than silently misread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from guard.defenses.bye.crossview import CrossView, ViewSettings
+from guard.defenses.bye.probe import EntropyProbe
+from guard.defenses.bye.profile import BackdoorProfile, combined
+
+
+@dataclass(frozen=True)
+class Screening:
+    """One (image, prompt) pair's outcome."""
+
+    score: float  # mean entropy over the profile's layers (nats)
+    entropies: tuple[float, ...]  # per profile layer
+    divergence: float | None  # cross-view mean JS (nats); None when the profile does not use it
+    by_entropy: bool
+    by_crossview: bool | None
+    flagged: bool  # the profile's combination
+
+
+def load_model(source: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """A LLaVA-family model and its processor, as vLLM would serve it, with eager attention."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(source)
+    model = AutoModelForImageTextToText.from_pretrained(source, attn_implementation="eager")
+    return model.to(device).eval(), processor
+
+
+def model_identity(source: str | Path, model: Any) -> dict[str, Any]:
+    """What a profile must match: the source, the configuration and a weight fingerprint."""
+    # Without where it was loaded from and which library wrote it: the architecture only.
+    settings = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if not k.startswith("_") and k != "transformers_version"
+    }
+    config = json.dumps(settings, sort_keys=True, default=str)
+    params = list(model.parameters())
+    digest = hashlib.sha256()
+    for tensor in (params[0], params[-1]):
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return {
+        "model": str(source),
+        "architecture": type(model).__name__,
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16],
+        "parameters": sum(p.numel() for p in params),
+        "weights_sha256": digest.hexdigest()[:16],
+    }
+
+
+class Monitor:
+    """Entropy probe + optional cross-view check, judged by a calibrated profile."""
+
+    def __init__(self, probe: EntropyProbe, profile: BackdoorProfile) -> None:
+        self.probe = probe
+        self.profile = profile
+        uses_views = profile.combine != "entropy"
+        self.crossview = CrossView(probe, ViewSettings(**profile.crossview)) if uses_views else None
+
+    def screen(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[Screening]:
+        if not images:
+            return []
+        layers = self.profile.layers
+        entropies = self.probe.entropies(self.probe.prepare(images, prompts), layers).numpy()
+        scores = entropies.mean(1)  # (B,)
+        divergences = (
+            None if self.crossview is None else self.crossview.divergences(images, prompts).numpy()
+        )
+        by_entropy = self.profile.entropy_flags(scores)
+        by_view = None if divergences is None else self.profile.crossview_flags(divergences)
+        flagged = combined(self.profile, scores, divergences)
+        return [
+            Screening(
+                score=float(scores[i]),
+                entropies=tuple(float(h) for h in entropies[i]),
+                divergence=None if divergences is None else float(divergences[i]),
+                by_entropy=bool(by_entropy[i]),
+                by_crossview=None if by_view is None else bool(by_view[i]),
+                flagged=bool(flagged[i]),
+            )
+            for i in range(len(images))
+        ]
+
+
+def measure(
+    probe: EntropyProbe,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    views: ViewSettings | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every layer's entropies (N, layers) and, with ``views``, divergences (N,): calibration."""
+    entropies = probe.entropies(probe.prepare(images, prompts)).numpy()
+    if views is None:
+        return entropies, None
+    return entropies, CrossView(probe, views).divergences(images, prompts).numpy()

@@ -1,0 +1,263 @@
+"""The BYE backdoor monitor's core on a tiny seeded LLaVA: entropy extraction against a direct
+full-attention computation, early stop, what the hooks keep, calibration with and without a
+bimodal layer, cross-view divergences, profile/model refusal, and the audit's resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from guard.config import ConfigError
+from guard.defenses.bye.audit import decide, score_all
+from guard.defenses.bye.crossview import CrossView, ViewSettings, js_divergence, patch_views
+from guard.defenses.bye.dataset import read_samples, write_records
+from guard.defenses.bye.monitor import Monitor, load_model, model_identity
+from guard.defenses.bye.probe import EntropyProbe, entropy
+from guard.defenses.bye.profile import BackdoorProfile, calibrate
+from tests.images import gradient
+from tests.tiny_models import save_tiny_llava
+
+PROMPTS = ["What digit is in the image?", "Which number do you see?", "hi", "Name the digit."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread: None) -> None:
+    """Every test here runs tiny models: one torch thread (tests/conftest.py)."""
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    path = tmp_path_factory.mktemp("llava")
+    save_tiny_llava(path)
+    model, processor = load_model(path)
+    return path, model, processor
+
+
+@pytest.fixture(scope="module")
+def probe(llava: tuple[Path, Any, Any]) -> EntropyProbe:
+    return EntropyProbe(llava[1], llava[2])
+
+
+def _images(n: int, seed: int = 0) -> list[Image.Image]:
+    return [gradient(32, 32, seed=seed + i) for i in range(n)]
+
+
+def test_entropies_equal_a_direct_computation_from_full_attention(probe: EntropyProbe) -> None:
+    batch = probe.prepare(_images(4), PROMPTS)  # prompts of different lengths: left padding
+    got = probe.entropies(batch)  # (4, 3)
+    with torch.inference_mode():
+        out = probe.model(**batch.inputs, output_attentions=True)
+    expected = []
+    for weights in out.attentions:  # (B, heads, T, T)
+        rows = weights[:, :, -1, :].mean(1)  # (B, T)
+        image = torch.stack([rows[b][batch.image_mask[b]] for b in range(4)])  # (B, 16)
+        p = image / image.sum(-1, keepdim=True)
+        expected.append(-(p * (p + 1e-8).log()).sum(-1))
+    torch.testing.assert_close(got, torch.stack(expected, 1))
+    assert got.shape == (4, 3) and bool((got <= math.log(16) + 1e-5).all())
+    # Each row alone gives its own numbers: the batch and its padding change nothing.
+    alone = probe.entropies(probe.prepare(_images(1, seed=2), PROMPTS[2:3]))
+    torch.testing.assert_close(alone[0], got[2], atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_of_rows() -> None:
+    uniform = torch.ones(2, 8)
+    assert entropy(uniform).tolist() == pytest.approx([math.log(8)] * 2, abs=1e-6)
+    assert entropy(torch.tensor([[5.0, 0, 0, 0]])).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_the_forward_stops_after_the_deepest_watched_layer(probe: EntropyProbe) -> None:
+    ran: list[str] = []
+    layers = probe.layers
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(f"layer{i}"))
+        for i, layer in enumerate(layers)
+    ]
+    handles.append(probe.model.lm_head.register_forward_hook(lambda m, a, o: ran.append("lm_head")))
+    try:
+        got = probe.entropies(probe.prepare(_images(2), PROMPTS[:2]), layers=[1, 0])
+        assert ran == ["layer0", "layer1"]  # layer 2 and the vocabulary projection never ran
+        full = probe.entropies(probe.prepare(_images(2), PROMPTS[:2]))
+        torch.testing.assert_close(got, full[:, [1, 0]])  # asked order, same numbers
+    finally:
+        for handle in handles:
+            handle.remove()
+    with pytest.raises(ValueError, match="layers must be in \\[0, 3\\)"):
+        probe.entropies(probe.prepare(_images(1), PROMPTS[:1]), layers=[3])
+
+
+def test_the_hooks_keep_one_number_per_row_and_leave_nothing_behind(probe: EntropyProbe) -> None:
+    kept: list[tuple[int, ...]] = []
+    real = entropy
+
+    def spy(rows: torch.Tensor) -> torch.Tensor:
+        out = real(rows)
+        kept.append(tuple(out.shape))
+        return out
+
+    batch = probe.prepare(_images(3), PROMPTS[:3])
+    modules = [m for layer in probe.layers for m in (layer, layer.self_attn)]
+    before = [dict(m._forward_hooks) for m in modules]  # transformers keeps hooks of its own
+    import guard.defenses.bye.probe as module
+
+    module_entropy, module.entropy = module.entropy, spy  # type: ignore[assignment]
+    try:
+        probe.entropies(batch)
+    finally:
+        module.entropy = module_entropy  # type: ignore[assignment]
+    # Per layer one (B,) vector kept, the (B, heads, T, T) maps dropped as each layer ends.
+    assert kept == [(3,)] * 3
+    assert [dict(m._forward_hooks) for m in modules] == before  # ours are gone
+
+
+def test_the_probe_refuses_a_model_without_eager_attention(llava: tuple[Path, Any, Any]) -> None:
+    path, _, processor = llava
+    from transformers import LlavaForConditionalGeneration
+
+    sdpa = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="needs eager attention"):
+        EntropyProbe(sdpa, processor)
+
+
+def _bimodal(n: int = 200, seed: int = 0) -> np.ndarray:
+    """Entropies (n, 3): layer 1 has a low mode for the last 10%; layers 0 and 2 do not."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal([4.0, 3.8, 3.9], 0.05, size=(n, 3))
+    x[-n // 10 :, 1] -= 1.0
+    return x
+
+
+def test_calibration_picks_the_bimodal_layer_and_flags_its_low_mode() -> None:
+    x = _bimodal()
+    profile = calibrate(x, identity={"model": "m"})
+    assert profile.layers == [1] and not profile.fallback
+    assert [f["bimodal"] for f in profile.layer_fits] == [False, True, False]
+    assert profile.clean_mean == pytest.approx(3.8, abs=0.02)
+    flagged = set(profile.flagged_in_calibration)
+    assert set(range(180, 200)) <= flagged and len(flagged) <= 20 + 2  # 3σ: few clean ones
+    posterior = calibrate(x, identity={"model": "m"}, rule="posterior")
+    assert posterior.flagged_in_calibration == list(range(180, 200))
+    scores = np.array([3.8, 2.8])
+    assert profile.entropy_flags(scores).tolist() == [False, True]
+
+
+def test_calibration_without_a_bimodal_layer_falls_back_to_every_layer() -> None:
+    x = np.random.default_rng(1).normal([4.0, 3.8, 3.9], 0.05, size=(200, 3))
+    profile = calibrate(x, identity={"model": "m"}, k_sigma=3.0)
+    assert profile.fallback and profile.layers == [0, 1, 2]
+    scores = x.mean(1)
+    assert profile.clean_mean == pytest.approx(scores.mean())
+    assert profile.threshold == pytest.approx(scores.mean() - 3 * scores.std())
+    assert len(profile.flagged_in_calibration) <= 2  # a 3σ rule on clean data
+    with pytest.raises(ValueError, match="needs a bimodal layer"):
+        calibrate(x, identity={"model": "m"}, rule="posterior")
+
+
+def test_profile_round_trip_and_model_refusal(tmp_path: Path, llava: tuple[Path, Any, Any]) -> None:
+    path, model, _ = llava
+    identity = model_identity(path, model)
+    profile = calibrate(_bimodal(), identity=identity)
+    profile.save(tmp_path / "p.json")
+    loaded = BackdoorProfile.load(tmp_path / "p.json")
+    assert loaded == profile
+    loaded.check_matches(model_identity(path, model))
+    other = tmp_path / "other"
+    other_model = save_tiny_llava(other, seed=1)  # same architecture, other weights
+    with pytest.raises(ConfigError, match="different model \\(differs in: model, weights_sha256"):
+        loaded.check_matches(model_identity(other, other_model))
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"bad\.json: expected a JSON object"):
+        BackdoorProfile.load(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="cannot read backdoor profile"):
+        BackdoorProfile.load(tmp_path / "bad.json")
+
+
+def test_cross_view_divergences(probe: EntropyProbe) -> None:
+    image = gradient(32, 32, seed=3)
+    views = patch_views(image, 4, ViewSettings(views=3, fraction=0.25))
+    assert len(views) == 3 and all(v.size == image.size for v in views)
+    changed = [np.any(np.asarray(v) != np.asarray(image), axis=2) for v in views]
+    # 4 of the 16 8×8 cells masked per view, the same views for the same pixels.
+    assert all(c.sum() <= 4 * 64 and c.sum() > 0 for c in changed)
+    again = patch_views(image, 4, ViewSettings(views=3, fraction=0.25))
+    pairs = zip(views, again, strict=True)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
+    p = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0]]), -1)
+    q = torch.log_softmax(torch.tensor([[0.0, 2.0, -1.0]]), -1)
+    assert js_divergence(p, p).item() == pytest.approx(0, abs=1e-7)
+    assert 0 < js_divergence(p, q).item() <= math.log(2)
+    cross = CrossView(probe, ViewSettings(views=2, fraction=0.25, answer_tokens=3))
+    d = cross.divergences(_images(2), PROMPTS[:2])
+    assert d.shape == (2,) and bool((d >= 0).all()) and bool((d <= math.log(2)).all())
+    alone = cross.divergences(_images(1), PROMPTS[:1])
+    assert alone[0].item() == pytest.approx(d[0].item(), abs=1e-5)
+
+
+def test_monitor_flags_by_the_profile(llava: tuple[Path, Any, Any], probe: EntropyProbe) -> None:
+    path, model, _ = llava
+    images = _images(2)
+    h = probe.entropies(probe.prepare(images, PROMPTS[:2])).numpy()
+    scores = h.mean(1)
+    cut = float(scores.mean())  # one image below, one above (distinct scores)
+    base = calibrate(np.vstack([h, h + 0.01]), identity=model_identity(path, model))
+    profile = BackdoorProfile(
+        **{**base.__dict__, "clean_mean": cut, "clean_std": 0.0, "layers": [0, 1, 2]}
+    )
+    results = Monitor(probe, profile).screen(images, PROMPTS[:2])
+    assert [r.flagged for r in results] == [bool(s < cut) for s in scores]
+    assert results[0].score == pytest.approx(float(scores[0]), abs=1e-5)
+    assert results[0].divergence is None and results[0].by_crossview is None
+
+
+def test_audit_resumes_where_it_stopped(tmp_path: Path, probe: EntropyProbe) -> None:
+    records = []
+    for i in range(6):
+        gradient(32, 32, seed=i).save(tmp_path / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>\nWhat digit?"}, {"from": "gpt", "value": "x"}]
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": turns})
+    data = tmp_path / "set.jsonl"
+    write_records(data, records)
+    samples = read_samples(data)
+    assert samples[0].prompt == "What digit?" and samples[0].image == tmp_path / "0.png"
+    cache = tmp_path / "scores.jsonl"
+    identity = {"model": "tiny"}
+    first = score_all(probe, samples[:4], cache, identity, batch=2)
+    with cache.open("a") as f:
+        f.write('{"id": "s4", "entr')  # an interruption in the middle of a line
+    calls: list[int] = []
+    real = probe.entropies
+    probe.entropies = lambda batch, layers=None: (  # type: ignore[method-assign]
+        calls.append(batch.inputs["input_ids"].shape[0]) or real(batch, layers)
+    )
+    try:
+        done = score_all(probe, samples, cache, identity, batch=4)
+    finally:
+        del probe.entropies
+    assert calls == [2]  # only s4 and s5 were scored again
+    assert [done[s.id] for s in samples[:4]] == [first[s.id] for s in samples[:4]]
+    assert len(done) == 6
+    # The cache of another model is refused, not mixed in.
+    with pytest.raises(ConfigError, match="scores of another model"):
+        score_all(probe, samples, cache, {"model": "other"})
+    audit = decide(samples, done, identity)
+    assert audit.method in ("bye", "none (no bimodal layer)")
+    if audit.method.startswith("none"):
+        assert audit.flagged == []
+
+
+def test_dataset_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": 1, "image": "a.png", "conversations": []}]))
+    with pytest.raises(ConfigError, match="record 1 has no human turn"):
+        read_samples(bad)
+    bad.write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_samples(bad)

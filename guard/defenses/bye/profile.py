@@ -2,9 +2,10 @@
 that stores it (DESIGN.md §4.2).
 
 Per layer, a 1-D two-component GMM over the calibration samples' entropies; the layer is
-sensitive when the components are well apart, |μ1 − μ2| > 2(σ1 + σ2) (BYE's test). The score of
-a sample is its mean entropy over the sensitive layers, and the clean component is the
-higher-mean component of a two-component GMM over the scores.
+sensitive when the components are well apart, |μ1 − μ2| > 2(σ1 + σ2) (BYE's test), and each
+holds at least MIN_MODE samples (a small set can otherwise "find" a mode of one sample). The
+score of a sample is its mean entropy over the sensitive layers, and the clean component is
+the higher-mean component of a two-component GMM over the scores.
 
 Fallback, when no layer is bimodal (calibration data that is all clean, or a trigger that does
 not collapse attention): every layer is used, and the whole calibration set is taken as the
@@ -31,6 +32,7 @@ from sklearn.mixture import GaussianMixture
 from guard.config import ConfigError
 
 VERSION = 1
+MIN_MODE = 3  # samples a GMM component must hold for its layer to count as bimodal
 Rule = Literal["sigma", "posterior"]
 Combine = Literal["entropy", "crossview", "either", "both"]
 
@@ -161,7 +163,8 @@ def calibrate(
     if not (math.isfinite(k_sigma) and k_sigma > 0):
         raise ValueError(f"k_sigma must be positive, got {k_sigma}")
     fits = [fit_gmm(x[:, i]) for i in range(x.shape[1])]
-    layers = [i for i, f in enumerate(fits) if f.bimodal]
+    # A "mode" of one or two samples with a near-zero σ passes BYE's test by accident.
+    layers = [i for i, f in enumerate(fits) if f.bimodal and min(f.weights) * len(x) >= MIN_MODE]
     fallback = not layers
     if fallback:
         layers = list(range(x.shape[1]))

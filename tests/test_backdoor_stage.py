@@ -1,0 +1,166 @@
+"""The ``backdoor`` stage inside the whole guard: a tiny LLaVA saved in transformers' format
+and a profile for it; blocks over HTTP, the decision over gRPC Check, metrics, start-up
+refusals, and the calibrate/scan commands run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from guard.config import ConfigError
+from guard.defenses.bye.monitor import load_model, model_identity
+from guard.defenses.bye.profile import BackdoorProfile, calibrate
+from guard.v1 import guard_pb2 as pb
+from guard.v1 import guard_pb2_grpc as pb_grpc
+from tests.images import data_url, encode, gradient, image_message
+from tests.servers import AppServer, RunningGuard
+from tests.tiny_models import save_tiny_llava
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread: None) -> None:
+    """Every test here runs tiny models: one torch thread (tests/conftest.py)."""
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    path = tmp_path_factory.mktemp("llava")
+    save_tiny_llava(path)
+    model, _ = load_model(path)
+    return path, model_identity(path, model)
+
+
+def _profile(tmp: Path, identity: dict[str, Any], *, clean_mean: float) -> Path:
+    """A profile over every layer whose threshold (clean_mean, σ = 0) is set by the test."""
+    x = np.random.default_rng(0).normal(2.0, 0.05, size=(20, 3))
+    base = calibrate(x, identity=identity)
+    profile = replace(base, layers=[0, 1, 2], clean_mean=clean_mean, clean_std=0.0)
+    path = tmp / f"profile_{clean_mean}.json"
+    profile.save(path)
+    return path
+
+
+def _guard(upstream: AppServer, llava_dir: Path, profile: Path) -> RunningGuard:
+    return RunningGuard(
+        upstream.url + "/v1",
+        {
+            "pipeline": {"defenses": ["backdoor"]},
+            "backdoor": {"model": str(llava_dir), "profile": str(profile)},
+        },
+    )
+
+
+def test_a_flagged_image_is_blocked_and_never_forwarded(
+    tmp_path: Path, upstream: AppServer, llava: tuple[Path, dict[str, Any]]
+) -> None:
+    path, identity = llava
+    guard = _guard(upstream, path, _profile(tmp_path, identity, clean_mean=100.0))
+    seen = len(upstream.app.state.received)
+    try:
+        body = {"model": "echo", "messages": image_message(data_url(encode(gradient(32, 32))))}
+        response = httpx.post(guard.url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "content_policy_violation"
+        assert len(upstream.app.state.received) == seen  # nothing reached the model
+        blocked = {"stage": "backdoor", "category": "backdoor"}
+        assert guard.metric("vlm_guard_blocked_total", blocked) == 1
+        assert guard.metric("vlm_guard_backdoor_entropy_count") == 1
+    finally:
+        guard.close()
+
+
+async def test_grpc_check_shows_the_backdoor_decision(
+    tmp_path: Path, upstream: AppServer, llava: tuple[Path, dict[str, Any]]
+) -> None:
+    path, identity = llava
+    guard = _guard(upstream, path, _profile(tmp_path, identity, clean_mean=-100.0))
+    png = encode(gradient(24, 24, seed=4))
+    try:
+        async with grpc.aio.insecure_channel(guard.grpc_target) as channel:
+            stub = pb_grpc.GuardStub(channel)
+            checked = await stub.Check(pb.CheckRequest(text="hi", images=[pb.Image(data=png)]))
+        body = {"model": "echo", "messages": image_message(data_url(png))}
+        async with httpx.AsyncClient(timeout=60) as client:
+            response = await client.post(guard.url + "/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text  # allowed: forwarded
+    finally:
+        guard.close()
+    (decision,) = checked.decisions
+    assert decision.stage == "backdoor" and decision.action == "allow"
+    (image,) = decision.details["images"]
+    assert list(decision.details["layers"]) == [0, 1, 2]
+    assert 0 < image["score"] <= np.log(16) + 1e-6 and len(image["entropies"]) == 3
+    assert image["flagged"] is False and image["divergence"] is None
+
+
+def test_a_profile_for_another_model_stops_start_up(
+    tmp_path: Path, upstream: AppServer, llava: tuple[Path, dict[str, Any]]
+) -> None:
+    path, identity = llava
+    other = _profile(tmp_path, {**identity, "weights_sha256": "0" * 16}, clean_mean=0.0)
+    with pytest.raises(ConfigError, match="differs in: weights_sha256"):
+        _guard(upstream, path, other)
+    with pytest.raises(ConfigError, match=r"backdoor\.profile is required"):
+        RunningGuard(
+            upstream.url + "/v1",
+            {"pipeline": {"defenses": ["backdoor"]}, "backdoor": {"model": str(path)}},
+        )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "guard", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_calibrate_and_scan_commands(tmp_path: Path, llava: tuple[Path, dict[str, Any]]) -> None:
+    path, identity = llava
+    records = []
+    for i in range(8):
+        gradient(32, 32, seed=20 + i).save(tmp_path / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>\nWhat digit?"}, {"from": "gpt", "value": "a"}]
+        records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": turns})
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    profile_path = tmp_path / "profile.json"
+    model = ["--model", str(path), "--data", str(data), "--batch", "3"]
+    done = _cli("backdoor", "calibrate", *model, "--out", str(profile_path), "--combine", "either")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    profile = BackdoorProfile.load(profile_path)
+    assert summary["samples"] == profile.samples == 8 and summary["layers"] == profile.layers
+    assert profile.identity == json.loads(json.dumps(identity))
+    assert profile.crossview_low is not None and profile.crossview["views"] == 4
+
+    clean = tmp_path / "clean.json"
+    scanned = _cli("scan", *model, "--out", str(clean), "--profile", str(profile_path))
+    assert scanned.returncode == 0, scanned.stderr
+    report = json.loads((tmp_path / "clean.json.report.json").read_text())
+    kept = json.loads(clean.read_text())
+    assert report["samples"] == 8 and report["method"] == "profile"
+    assert len(kept) == report["kept"] == 8 - len(report["flagged"])
+    assert {r["id"] for r in kept} | {f["id"] for f in report["flagged"]} == {
+        r["id"] for r in records
+    }
+    scores = Path(report["scores_file"]).read_text().splitlines()
+    assert len(scores) == 1 + 8  # the identity line, then one line per sample
+    again = _cli("scan", *model, "--out", str(clean), "--profile", str(profile_path))
+    assert again.returncode == 0, again.stderr
+    assert Path(report["scores_file"]).read_text().splitlines() == scores  # nothing rescored
+    assert asdict(profile)["identity"]["model"] == str(path)
+    bad = _cli("scan", "--model", str(path), "--data", str(tmp_path / "none.json"), "--out", "x")
+    assert bad.returncode == 2 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr

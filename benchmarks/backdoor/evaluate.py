@@ -1,0 +1,123 @@
+"""One backdoored VLM, end to end: calibrate on its poisoned fine-tuning set (BYE), screen
+clean and triggered test requests, audit the set, and time the monitor."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import Progress
+
+from benchmarks.backdoor.measure import Measured, cost, measure, roc, z_low
+from benchmarks.backdoor.sets import poisoned_set, test_set
+from guard.defenses.bye.audit import decide, score_all
+from guard.defenses.bye.crossview import CrossView, ViewSettings
+from guard.defenses.bye.dataset import read_samples
+from guard.defenses.bye.monitor import load_model, model_identity
+from guard.defenses.bye.probe import EntropyProbe
+from guard.defenses.bye.profile import calibrate, combined
+from guard.toy.data import eval_images, load_splits
+from guard.toy.triggers import Trigger
+from guard.toy.vlm import ATTACK_RESPONSE
+
+
+def evaluate(
+    name: str, model_dir: Path, trigger: Trigger, args: argparse.Namespace, progress: Progress
+) -> dict[str, Any]:
+    model, processor = load_model(model_dir)
+    probe = EntropyProbe(model, processor)
+    identity = model_identity(model_dir, model)
+    views = CrossView(probe, ViewSettings(args.views, args.mask_fraction, args.answer_tokens))
+
+    # 1. BYE on the poisoned fine-tuning set: sensitive layers, the clean component, the audit.
+    data, poisoned = poisoned_set(
+        args.out / f"train_{name}", trigger, args.train, args.poison_rate, ATTACK_RESPONSE, 0
+    )
+    samples = read_samples(data)
+    task = progress.add_task(f"{name}: entropies of the fine-tuning set", total=len(samples))
+    cache = args.out / f"train_{name}" / "scores.jsonl"
+    cache.unlink(missing_ok=True)  # the set was just rewritten
+    advance = lambda n: progress.advance(task, n)  # noqa: E731
+    entropies = score_all(probe, samples, cache, identity, batch=args.batch, advance=advance)
+    train = np.array([entropies[s.id] for s in samples])  # (N, layers)
+    audit = decide(samples, entropies, identity)
+    flagged = np.isin([s.id for s in samples], audit.flagged)
+
+    # 2. Clean validation traffic: the cross-view threshold and the z-score references.
+    val = _pil(eval_images(load_splits()["val"])[: args.images])
+    tests = test_set(trigger, args.images)
+    total = 3 * args.images
+    task = progress.add_task(f"{name}: screening requests", total=total)
+    step = lambda n: progress.advance(task, n)  # noqa: E731
+    ref = measure(probe, views, val, tests.prompt, args.batch, step)
+    clean = measure(probe, views, tests.clean, tests.prompt, args.batch, step)
+    hit = measure(probe, views, tests.triggered, tests.prompt, args.batch, step)
+    assert ref.divergences is not None and clean.divergences is not None
+    assert hit.divergences is not None
+
+    profile = calibrate(train, identity=identity, k_sigma=args.k_sigma)
+    low = float(np.quantile(ref.divergences, args.crossview_quantile))
+    profile = replace(profile, crossview_low=low, combine=args.combine)
+    layers = profile.layers
+
+    def score(m: Measured) -> np.ndarray:
+        out: np.ndarray = m.entropies[:, layers].mean(1)
+        return out
+
+    def suspicion(m: Measured) -> dict[str, np.ndarray]:
+        assert m.divergences is not None and ref.divergences is not None
+        e = z_low(score(m), score(ref))
+        v = z_low(m.divergences, ref.divergences)
+        return {"entropy": e, "crossview": v, "combined": np.maximum(e, v)}
+
+    s_clean, s_hit = suspicion(clean), suspicion(hit)
+    flags_clean = combined(profile, score(clean), clean.divergences)
+    flags_hit = combined(profile, score(hit), hit.divergences)
+    attacked = np.array([ATTACK_RESPONSE in a for a in hit.answers])
+    correct = np.array([a == t for a, t in zip(clean.answers, tests.truth, strict=True)])
+    tp = int((flagged & poisoned).sum())
+    timing = cost(probe, views, tests.clean[: args.batch], tests.prompt, layers, args.repeats)
+    return {
+        "model": str(model_dir),
+        "trigger": trigger.kind,
+        "profile": {
+            "layers": layers,
+            "fallback": profile.fallback,
+            "threshold": profile.threshold,
+            "crossview_low": low,
+            "combine": profile.combine,
+            "layer_fits": profile.layer_fits,
+        },
+        "roc": {k: roc(s_clean[k], s_hit[k]) for k in s_clean},
+        "clean_accuracy": float(correct.mean()),
+        "asr_direct": float(attacked.mean()),
+        "asr_through_guard": float((attacked & ~flags_hit).mean()),
+        "clean_false_block": float(flags_clean.mean()),
+        "audit": {
+            "method": audit.method,
+            "poisoned": int(poisoned.sum()),
+            "flagged": int(flagged.sum()),
+            "precision": tp / max(1, int(flagged.sum())),
+            "recall": tp / max(1, int(poisoned.sum())),
+        },
+        "cost": {
+            **timing,
+            "monitor_ratio": timing["monitor_s"] / timing["full_prefill_s"],
+            "crossview_ratio": timing.get("crossview_s", 0.0) / timing["full_prefill_s"],
+        },
+        "scores": {
+            "clean": score(clean).tolist(),
+            "triggered": score(hit).tolist(),
+            "train": train[:, layers].mean(1).tolist(),
+            "train_poisoned": poisoned.tolist(),
+        },
+    }
+
+
+def _pil(arrays: np.ndarray) -> list[Any]:
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in arrays]

@@ -1,0 +1,101 @@
+"""What the benchmark measures on one model: entropies, cross-view divergences, answers,
+ROC figures, and the monitor's cost against a full prefill."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from guard.defenses.bye.crossview import CrossView
+from guard.defenses.bye.probe import EntropyProbe
+from guard.toy.vlm import answer_images
+
+
+@dataclass(frozen=True)
+class Measured:
+    entropies: np.ndarray  # (N, layers): every layer
+    divergences: np.ndarray | None  # (N,)
+    answers: list[str]
+
+
+def measure(
+    probe: EntropyProbe,
+    views: CrossView | None,
+    images: Sequence[Image.Image],
+    prompt: str,
+    batch: int,
+    advance: Callable[[int], None],
+) -> Measured:
+    rows, divs = [], []
+    for i in range(0, len(images), batch):
+        chunk = list(images[i : i + batch])
+        prompts = [prompt] * len(chunk)
+        rows.append(probe.entropies(probe.prepare(chunk, prompts)).numpy())
+        if views is not None:
+            divs.append(views.divergences(chunk, prompts).numpy())
+        advance(len(chunk))
+    arrays = np.stack([np.asarray(im) for im in images])  # (N, 32, 32, 3)
+    answers = answer_images(probe.model, probe.processor, arrays, question=prompt)
+    return Measured(np.concatenate(rows), np.concatenate(divs) if divs else None, answers)
+
+
+def roc(clean: np.ndarray, attacked: np.ndarray) -> dict[str, Any]:
+    """AUROC and TPR at 1% FPR for a suspicion score (higher = more suspicious)."""
+    y = np.r_[np.zeros(len(clean)), np.ones(len(attacked))]
+    s = np.r_[clean, attacked]
+    fpr, tpr, _ = roc_curve(y, s)
+    at_1 = float(tpr[np.searchsorted(fpr, 0.01, side="right") - 1])
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "tpr_at_1pct_fpr": at_1,
+        "curve": {"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist()},
+    }
+
+
+def z_low(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """How many reference standard deviations below the reference mean (suspicion score)."""
+    std = max(float(reference.std()), 1e-12)
+    out: np.ndarray = (float(reference.mean()) - values) / std
+    return out
+
+
+@torch.inference_mode()
+def cost(
+    probe: EntropyProbe,
+    views: CrossView | None,
+    images: Sequence[Image.Image],
+    prompt: str,
+    layers: list[int],
+    repeats: int,
+) -> dict[str, float]:
+    """Median seconds per batch of the full prefill (last-position logits, as a server
+    computes them), of the monitor's early-stopped probe and of the cross-view check; and the
+    bytes each keeps of attention (the probe: one number per layer and row)."""
+    prompts = [prompt] * len(images)
+    batch = probe.prepare(images, prompts)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        fn()  # warm-up
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - start)
+        return float(np.median(runs))
+
+    full = timed(lambda: probe.model(**batch.inputs, use_cache=False, logits_to_keep=1))
+    monitor = timed(lambda: probe.entropies(batch, layers))
+    out: dict[str, float] = {"full_prefill_s": full, "monitor_s": monitor}
+    if views is not None:
+        out["crossview_s"] = timed(lambda: views.divergences(images, prompts))
+    maps = probe.model(**batch.inputs, use_cache=False, output_attentions=True).attentions
+    out["attention_maps_bytes"] = float(sum(a.numel() * a.element_size() for a in maps))
+    out["monitor_kept_bytes"] = float(len(images) * len(layers) * 4)
+    return out

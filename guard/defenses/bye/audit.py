@@ -4,8 +4,9 @@ Every sample gets one probe prefill; its per-layer entropies are appended to a s
 they are computed, so an interrupted scan resumes where it stopped (samples already scored are
 skipped; the file records the model identity and refuses another model's scores). Then:
 with a profile, its layers and rule decide; without one, BYE's own procedure runs on the set
-itself (bimodal layers, a two-component GMM over the scores, the low component is dropped),
-and a set with no bimodal layer is left as it is.
+itself (bimodal layers, a two-component GMM over the scores, the low component is dropped).
+Where no layer is bimodal, BYE leaves the set as it is; here the profile's fallback decides
+instead (the most separated layer, k·σ below a robust clean estimate), and the report says so.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Audit:
     flagged: list[str]  # ids, in data order
     scores: dict[str, float]  # id → score over ``layers``
     layers: list[int]
-    method: str  # "profile" | "bye" | "none (no bimodal layer)"
+    method: str  # "profile" | "bye" | "fallback" (no bimodal layer: see bye/profile.py)
     profile: BackdoorProfile  # what decided (the given one, or calibrated on the set)
 
 
@@ -82,11 +83,9 @@ def decide(
         profile = calibrate(x, identity=identity, rule="sigma")
         if not profile.fallback:
             profile = calibrate(x, identity=identity, rule="posterior")
-        method = "none (no bimodal layer)" if profile.fallback else "bye"
+        method = "fallback" if profile.fallback else "bye"
     scores = x[:, profile.layers].mean(1)
-    flags = np.zeros(len(ids), dtype=bool) if profile.fallback and method != "profile" else None
-    if flags is None:
-        flags = profile.entropy_flags(scores)
+    flags = profile.entropy_flags(scores)
     return Audit(
         flagged=[i for i, f in zip(ids, flags, strict=True) if f],
         scores={i: float(s) for i, s in zip(ids, scores, strict=True)},

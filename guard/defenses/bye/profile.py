@@ -7,10 +7,13 @@ holds at least MIN_MODE samples (a small set can otherwise "find" a mode of one 
 score of a sample is its mean entropy over the sensitive layers, and the clean component is
 the higher-mean component of a two-component GMM over the scores.
 
-Fallback, when no layer is bimodal (calibration data that is all clean, or a trigger that does
-not collapse attention): every layer is used, and the whole calibration set is taken as the
-clean component (one Gaussian). The rule then flags only what lies k·σ below clean traffic, and
-the profile says ``fallback: true`` so an operator knows no poisoned mode was seen.
+Fallback, when no layer is bimodal (calibration data that is all clean, or a poisoned minority
+whose spread overlaps the clean tail: on the quick toy world the trigger's layer separates
+clean from poisoned at AUROC 0.998, yet its GMM fails the test, 0.19 apart against
+2(σ1 + σ2) = 0.28): the one layer with the largest separation |μ1 − μ2| / (σ1 + σ2) is used, and
+the clean component is estimated robustly over the whole set (median, 1.4826·MAD), so that
+a poisoned minority cannot widen it. BYE itself filters nothing in this case; the profile says
+``fallback: true`` so an operator knows that no poisoned mode was confirmed.
 
 Runtime rules: ``sigma`` flags score < clean mean − k·σ; ``posterior`` (needs a bimodal fit)
 flags when the low component's posterior exceeds 0.5. Cross-view divergences of the clean
@@ -167,14 +170,15 @@ def calibrate(
     layers = [i for i, f in enumerate(fits) if f.bimodal and min(f.weights) * len(x) >= MIN_MODE]
     fallback = not layers
     if fallback:
-        layers = list(range(x.shape[1]))
+        layers = [int(np.argmax([_separation(f) for f in fits]))]
     scores = x[:, layers].mean(1)  # (N,)
     score_fit = None
     if fallback:
         if rule == "posterior":
             raise ValueError("rule 'posterior' needs a bimodal layer; none was found")
-        clean = np.ones(len(scores), dtype=bool)
-        mean, std = float(scores.mean()), float(scores.std())
+        mean = float(np.median(scores))
+        std = float(1.4826 * np.median(np.abs(scores - mean)))  # σ of a normal, robustly
+        clean = scores >= mean - k_sigma * std
     else:
         fit = fit_gmm(scores)
         score_fit = _jsonable({**asdict(fit), "bimodal": fit.bimodal})
@@ -192,7 +196,9 @@ def calibrate(
         raise ValueError(f"combine={combine!r} needs cross-view divergences")
     profile = BackdoorProfile(
         layers=layers,
-        layer_fits=_jsonable([{**asdict(f), "bimodal": f.bimodal} for f in fits]),
+        layer_fits=_jsonable(
+            [{**asdict(f), "bimodal": f.bimodal, "separation": _separation(f)} for f in fits]
+        ),
         fallback=fallback,
         clean_mean=mean,
         clean_std=std,
@@ -224,6 +230,11 @@ def combined(
         return by_view
     out: np.ndarray = by_entropy | by_view if profile.combine == "either" else by_entropy & by_view
     return out
+
+
+def _separation(fit: Gaussian2) -> float:
+    """|μ1 − μ2| / (σ1 + σ2): BYE's test asks for more than 2."""
+    return abs(fit.means[1] - fit.means[0]) / max(fit.stds[0] + fit.stds[1], 1e-12)
 
 
 def _jsonable(value: Any) -> Any:

@@ -12,13 +12,14 @@ import numpy as np
 from rich.progress import Progress
 
 from benchmarks.backdoor.measure import Measured, cost, measure, roc, z_low
-from benchmarks.backdoor.sets import poisoned_set, test_set
+from benchmarks.backdoor.sets import test_set
 from guard.defenses.bye.audit import decide, score_all
 from guard.defenses.bye.crossview import CrossView, ViewSettings
 from guard.defenses.bye.dataset import read_samples
 from guard.defenses.bye.monitor import load_model, model_identity
 from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import calibrate, combined
+from guard.toy.backdoor import poisoned_set
 from guard.toy.data import eval_images, load_splits
 from guard.toy.triggers import Trigger
 from guard.toy.vlm import ATTACK_RESPONSE

@@ -29,6 +29,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from guard.toy.backdoor import backdoor_profile
 from guard.toy.checks import PROFILE, purification_check, purify_profile
 from guard.toy.data import eval_images, load_splits
 from guard.toy.lanes import run_lanes
@@ -135,6 +136,20 @@ def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
             progress,
             lambda d: purify_profile(out, d, progress, n),
         )
+        # The monitor's profile, from a poisoned set drawn as the VLM's fine-tuning set was.
+        samples = 300 if quick else 600
+        rate = vlm_settings.poison_rate
+        figures["backdoor_profile"] = _component(
+            out / "backdoor_profile",
+            {
+                "vlm": figures["vlm"]["key"],
+                "samples": samples,
+                "poison_rate": rate,
+                "trigger": asdict(options.trigger),
+            },
+            progress,
+            lambda d: backdoor_profile(out, d, progress, options.trigger, rate, samples),
+        )
     manifest = _manifest(options, figures, time.perf_counter() - start)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -229,6 +244,7 @@ def _manifest(options: BuildOptions, parts: dict[str, Any], seconds: float) -> d
         "clip": parts["clip"]["figures"],
         "diffusion": {**parts["diffusion"]["figures"], **parts["purification"]["figures"]},
         "purify": parts["purify_profile"]["figures"],
+        "backdoor": parts["backdoor_profile"]["figures"],
     }
     checks = {}
     for name, floor in FLOORS[options.mode].items():

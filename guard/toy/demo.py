@@ -2,7 +2,8 @@
 
 Builds the toy world if it is missing (cached under $VLM_GUARD_HOME/toy), starts the stand-in
 upstream serving the toy VLM and ``vlm-guard serve`` (with the purify stage on the toy's
-diffusion model and the VLM's own vision tower, τ from the build's calibration) in front of it
+diffusion model and the VLM's own vision tower, τ from the build's calibration, and the
+backdoor monitor on the VLM with the build's BYE profile) in front of it
 as separate processes on loopback, then sends a scripted scenario directly and through the
 guard and prints a table, with each stage's decision from the guard's gRPC ``Check``. Rows whose
 defense is not built yet say so. It also writes demo.png (clean / attacked / purified by the
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from guard.toy.attacks import PGDSettings, pgd_vlm
+from guard.toy.backdoor import backdoor_config
 from guard.toy.build import BuildOptions, build_world
 from guard.toy.checks import purify_config
 from guard.toy.data import DIGITS, eval_images, load_splits
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("clean image", clean[0], None),
         (f"adversarial (PGD → '{DIGITS[wrong]}')", attacked[0], None),
-        ("triggered image", triggered[0], "backdoor stage not built yet (issue #5)"),
+        ("triggered image", triggered[0], None),
         ("cross-modal unsafe pair", None, "reasoner stage not built yet (issue #6)"),
     ]
     up, guard, grpc_port = free_port(), free_port(), free_port()
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "upstream": {"url": f"http://127.0.0.1:{up}/v1"},
                     "server": {"http_port": guard, "grpc_port": grpc_port},
-                    "pipeline": {"defenses": ["purify"]},
+                    "pipeline": {"defenses": ["purify", "backdoor"]},
                     "purify": purify_config(out),
+                    "backdoor": backdoor_config(out),
                     "log_level": "warning",
                 }
             )
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         direct = openai.OpenAI(base_url=f"http://127.0.0.1:{up}/v1", api_key="none")
         guarded = openai.OpenAI(base_url=f"http://127.0.0.1:{guard}/v1", api_key="none")
         table = Table(
-            title=f"vlm-guard demo — toy VLM, true digit: {DIGITS[label]} (defenses: purify)"
+            title=f"vlm-guard demo — toy VLM, true digit: {DIGITS[label]} "
+            "(defenses: purify, backdoor)"
         )
         for col in (
             "case",
@@ -186,9 +190,13 @@ async def _stage_decisions(port: int, image: np.ndarray) -> str:
     for d in reply.decisions:
         # protobuf's Struct has no .get()
         images = d.details["images"] if "images" in d.details else []  # noqa: SIM401
-        steps = [str(int(im["steps"])) for im in images]
-        score = f", score {d.score:.1f}" if d.HasField("score") else ""
-        parts.append(f"{d.stage}: {d.action} (t* {', '.join(steps)}{score})")
+        if d.stage == "purify":
+            steps = [str(int(im["steps"])) for im in images]
+            score = f", score {d.score:.1f}" if d.HasField("score") else ""
+            parts.append(f"{d.stage}: {d.action} (t* {', '.join(steps)}{score})")
+        else:
+            threshold = d.details["threshold"] if "threshold" in d.details else float("nan")
+            parts.append(f"{d.stage}: {d.action} (entropy {d.score:.3f}, flags < {threshold:.3f})")
     return "; ".join(parts) or "no stages"
 
 

@@ -77,13 +77,14 @@ def test_the_forward_stops_after_the_deepest_watched_layer(probe: EntropyProbe) 
     ran: list[str] = []
     layers = probe.layers
     handles = [
-        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(f"layer{i}"))
+        layer.mlp.register_forward_hook(lambda m, a, o, i=i: ran.append(f"mlp{i}"))
         for i, layer in enumerate(layers)
     ]
     handles.append(probe.model.lm_head.register_forward_hook(lambda m, a, o: ran.append("lm_head")))
     try:
         got = probe.entropies(probe.prepare(_images(2), PROMPTS[:2]), layers=[1, 0])
-        assert ran == ["layer0", "layer1"]  # layer 2 and the vocabulary projection never ran
+        # Layer 1's attention was the last thing computed: not its MLP, not layer 2, no logits.
+        assert ran == ["mlp0"]
         full = probe.entropies(probe.prepare(_images(2), PROMPTS[:2]))
         torch.testing.assert_close(got, full[:, [1, 0]])  # asked order, same numbers
     finally:

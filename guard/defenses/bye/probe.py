@@ -3,9 +3,9 @@
 One prefill of (image + prompt, no answer). In each watched decoder layer, a forward hook on
 the self-attention module takes the last prompt token's attention row over the image tokens,
 averages it over heads, renormalises it and keeps only its Shannon entropy: (B,) per layer,
-never the (B, heads, T, T) map, which eager attention builds and frees layer by layer. A hook on
-the deepest watched layer ends the forward there, so neither the remaining layers nor the
-vocabulary projection are paid for.
+never the (B, heads, T, T) map, which eager attention builds and frees layer by layer. The hook
+on the deepest watched layer ends the forward right after its attention, so neither that
+layer's MLP nor the later layers nor the vocabulary projection are paid for.
 """
 
 from __future__ import annotations
@@ -130,15 +130,13 @@ class EntropyProbe:
                 last = weights[:, :, -1, :]  # (B, heads, T): the last prompt token's row
                 rows = last.mean(1)[image_mask].view(last.shape[0], -1)  # (B, image tokens)
                 found[index] = entropy(rows.float())  # (B,)
+                if index == deepest:
+                    raise _Enough  # not even this layer's MLP is needed
 
             return hook
 
-        def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
-            raise _Enough
-
         attention: dict[int, Any] = {i: self.layers[i].self_attn for i in watched}
         handles = [module.register_forward_hook(keep(i)) for i, module in attention.items()]
-        handles.append(self.layers[deepest].register_forward_hook(stop))
         try:
             yield
         finally:

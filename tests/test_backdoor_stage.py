@@ -138,13 +138,16 @@ def test_calibrate_and_scan_commands(tmp_path: Path, llava: tuple[Path, dict[str
     data.write_text(json.dumps(records))
     profile_path = tmp_path / "profile.json"
     model = ["--model", str(path), "--data", str(data), "--batch", "3"]
-    done = _cli("backdoor", "calibrate", *model, "--out", str(profile_path), "--combine", "either")
+    both_tails = ["--combine", "either", "--crossview-high-quantile", "0.9"]
+    done = _cli("backdoor", "calibrate", *model, "--out", str(profile_path), *both_tails)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     profile = BackdoorProfile.load(profile_path)
     assert summary["samples"] == profile.samples == 8 and summary["layers"] == profile.layers
     assert profile.identity == json.loads(json.dumps(identity))
-    assert profile.crossview_low is not None and profile.crossview["views"] == 4
+    assert profile.crossview["views"] == 4 and profile.combine == "either"
+    assert profile.crossview_low is not None and profile.crossview_high is not None
+    assert profile.crossview_low <= profile.crossview_high
 
     clean = tmp_path / "clean.json"
     scanned = _cli("scan", *model, "--out", str(clean), "--profile", str(profile_path))

@@ -43,6 +43,11 @@ def add_parsers(sub: Any) -> None:
         default=0.01,
         help="cross-view: flag divergences below this quantile of clean samples",
     )
+    cal.add_argument(
+        "--crossview-high-quantile",
+        type=float,
+        help="cross-view: also flag divergences above this quantile (off by default)",
+    )
     cal.add_argument("--limit", type=int, help="use at most this many samples")
 
     scan = sub.add_parser("scan", help="audit a fine-tuning set for poisoned samples (BYE)")
@@ -127,7 +132,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             crossview=None if views is None else asdict(views),
             k_sigma=args.k_sigma,
             rule=args.rule,
-            crossview_quantiles=(args.crossview_quantile, None),
+            crossview_quantiles=(args.crossview_quantile, args.crossview_high_quantile),
             combine=args.combine,
         )
     except ValueError as e:

@@ -22,7 +22,6 @@ samples give the tail thresholds (low: abnormally invariant; high: optional).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -33,6 +32,7 @@ import numpy as np
 from sklearn.mixture import GaussianMixture
 
 from guard.config import ConfigError
+from guard.defenses import profiles
 
 VERSION = 1
 MIN_MODE = 3  # samples a GMM component must hold for its layer to count as bimodal
@@ -122,30 +122,18 @@ class BackdoorProfile:
         return flags
 
     def check_matches(self, identity: Mapping[str, Any]) -> None:
-        mine, theirs = _jsonable(dict(self.identity)), _jsonable(dict(identity))
-        if mine != theirs:
-            differ = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
-            raise ConfigError(
-                "backdoor.profile was calibrated for a different model "
-                f"(differs in: {', '.join(differ)}); run vlm-guard backdoor calibrate again"
-            )
+        profiles.check_identity(self.identity, identity, stage="backdoor", made_for="model")
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(_jsonable(asdict(self)), indent=2) + "\n")
+        profiles.save(self, path)
 
     @classmethod
     def load(cls, path: Path) -> BackdoorProfile:
+        data = profiles.read(path, stage="backdoor", version=VERSION)
         try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict):
-                raise ConfigError(f"backdoor profile {path}: expected a JSON object")
-            if data.get("version") != VERSION:
-                raise ConfigError(
-                    f"backdoor profile {path}: version {data.get('version')!r}, expected {VERSION}"
-                )
             return cls(**data)
-        except (OSError, ValueError, TypeError) as e:
-            raise ConfigError(f"cannot read backdoor profile {path}: {type(e).__name__}") from None
+        except TypeError:
+            raise ConfigError(f"backdoor profile {path}: unexpected fields") from None
 
 
 def calibrate(
@@ -181,7 +169,7 @@ def calibrate(
         clean = scores >= mean - k_sigma * std
     else:
         fit = fit_gmm(scores)
-        score_fit = _jsonable({**asdict(fit), "bimodal": fit.bimodal})
+        score_fit = profiles.jsonable({**asdict(fit), "bimodal": fit.bimodal})
         clean = fit.low_posterior(scores) <= 0.5
         mean, std = fit.means[1], fit.stds[1]
     low = high = None
@@ -196,7 +184,7 @@ def calibrate(
         raise ValueError(f"combine={combine!r} needs cross-view divergences")
     profile = BackdoorProfile(
         layers=layers,
-        layer_fits=_jsonable(
+        layer_fits=profiles.jsonable(
             [{**asdict(f), "bimodal": f.bimodal, "separation": _separation(f)} for f in fits]
         ),
         fallback=fallback,
@@ -235,7 +223,3 @@ def combined(
 def _separation(fit: Gaussian2) -> float:
     """|μ1 − μ2| / (σ1 + σ2): BYE's test asks for more than 2."""
     return abs(fit.means[1] - fit.means[0]) / max(fit.stds[0] + fit.stds[1], 1e-12)
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))

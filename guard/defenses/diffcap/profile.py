@@ -19,16 +19,16 @@ loading it for another one is refused, since its τ would mean nothing there.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from guard.config import ConfigError
+from guard.defenses import profiles
 from guard.defenses.diffcap.purifier import Purifier, Trace
 
 VERSION = 1
@@ -55,30 +55,18 @@ class PurifyProfile:
         return (steps - self.clean_mean) / max(self.clean_std, float(self.check_every))
 
     def check_matches(self, identity: Mapping[str, Any]) -> None:
-        mine, theirs = dict(self.identity), dict(identity)
-        if _jsonable(mine) != _jsonable(theirs):
-            differ = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
-            raise ConfigError(
-                "purify.profile was calibrated for a different purifier "
-                f"(differs in: {', '.join(differ)}); run vlm-guard purify calibrate again"
-            )
+        profiles.check_identity(self.identity, identity, stage="purify", made_for="purifier")
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(_jsonable(asdict(self)), indent=2) + "\n")
+        profiles.save(self, path)
 
     @classmethod
     def load(cls, path: Path) -> PurifyProfile:
+        data = profiles.read(path, stage="purify", version=VERSION)
         try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict):
-                raise ConfigError(f"purify profile {path}: expected a JSON object")
-            if data.get("version") != VERSION:
-                raise ConfigError(
-                    f"purify profile {path}: version {data.get('version')!r}, expected {VERSION}"
-                )
             return cls(**data)
-        except (OSError, ValueError, TypeError) as e:
-            raise ConfigError(f"cannot read purify profile {path}: {type(e).__name__}") from None
+        except TypeError:
+            raise ConfigError(f"purify profile {path}: unexpected fields") from None
 
 
 def stop_step(
@@ -219,7 +207,3 @@ def _drift_threshold(
         lowest.append(min(seen) if seen else math.inf)
     # Images whose lowest drift is below the threshold escalate: at most ⌊q·n⌋ of them.
     return float(sorted(lowest)[math.floor(quantile * len(lowest) + 1e-9)])
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))

@@ -50,6 +50,12 @@ def table(console: Console, rows: dict[str, dict[str, Any]], args: argparse.Name
     console.print(s)
     for kind, row in rows.items():
         met = _goals(row)
+        if row["asr_direct"] < 0.5:
+            console.print(
+                f"[yellow]{kind}: the VLM did not learn this trigger (attack success "
+                f"{100 * row['asr_direct']:.0f}% without the guard): there is no backdoor to "
+                "detect, and the goals below say nothing[/yellow]"
+            )
         console.print(
             f"goals ({kind}): "
             + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in met.items())

@@ -41,6 +41,9 @@ from guard.types import Decision, GuardRequest, ImageInput
 
 log = logging.getLogger(__name__)
 NAME = "purify"
+# Bump when load_purifier's identity gains or loses a field: a profile made before cannot match,
+# and cached toy-world profiles are rebuilt (their component key includes it).
+IDENTITY_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,8 @@ def build_world(options: BuildOptions, console: Console | None = None) -> dict[s
 
 
 def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
+    from guard.defenses.bye.monitor import IDENTITY_VERSION as BACKDOOR_IDENTITY
+    from guard.defenses.purify import IDENTITY_VERSION as PURIFY_IDENTITY
     from guard.toy.clip import ClipSettings, train_clip
     from guard.toy.diffusion import DiffusionSettings, train_diffusion
     from guard.toy.vlm import VLMSettings, train_vlm
@@ -132,7 +134,7 @@ def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
         )
         figures["purify_profile"] = _component(
             out / "purify_profile",
-            {**key, **asdict(PROFILE)},
+            {**key, **asdict(PROFILE), "identity": PURIFY_IDENTITY},
             progress,
             lambda d: purify_profile(out, d, progress, n),
         )
@@ -146,6 +148,7 @@ def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
                 "samples": samples,
                 "poison_rate": rate,
                 "trigger": asdict(options.trigger),
+                "identity": BACKDOOR_IDENTITY,
             },
             progress,
             lambda d: backdoor_profile(out, d, progress, options.trigger, rate, samples),

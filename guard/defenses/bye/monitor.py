@@ -23,6 +23,9 @@ from guard.defenses.bye.crossview import CrossView, ViewSettings
 from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import BackdoorProfile, combined
 
+# Bump when model_identity's fields change (cached toy-world profiles are then rebuilt).
+IDENTITY_VERSION = 1
+
 
 @dataclass(frozen=True)
 class Screening:

@@ -160,7 +160,21 @@ class PurifyConfig(StageConfig):
 
 
 class ReasonerConfig(StageConfig):
-    pass
+    """Cross-modal safety reasoner behind an OpenAI-compatible endpoint (DESIGN.md §4.3)."""
+
+    url: AnyHttpUrl = Field(
+        AnyHttpUrl("http://127.0.0.1:8000/v1"), description="the reasoner's base URL (…/v1)"
+    )
+    model: str | None = Field(None, description="the reasoner's model name on that server")
+    api_key: SecretStr | None = None
+    protocol: Literal["reasoning-json", "llama-guard"] = "reasoning-json"
+    policy: Path | None = Field(None, description="policy YAML; null = SSUI's nine categories")
+    structured_output: Literal["auto", "always", "never"] = Field(
+        "auto", description="send a response_format JSON schema (auto: until the server refuses)"
+    )
+    max_tokens: int = Field(512, ge=1, description="room for the reasoning and the verdict")
+    max_concurrency: int = Field(16, ge=1, description="reasoner calls in flight")
+    cache_bytes: int = Field(16 * MiB, ge=0, description="verdict cache; 0 disables")
 
 
 class BackdoorConfig(StageConfig):

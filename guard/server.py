@@ -37,17 +37,17 @@ def build_stages(cfg: GuardConfig, metrics: Metrics | None = None) -> list[Stage
 
             stages.append(PurifyStage.from_config(cfg.purify, metrics))
             continue
+        if name == "reasoner":
+            from guard.defenses.reasoner import ReasonerStage
+
+            stages.append(ReasonerStage.from_config(cfg.reasoner, metrics))
+            continue
         if name == "backdoor":
             from guard.defenses.backdoor import BackdoorStage
 
             stages.append(BackdoorStage.from_config(cfg.backdoor, metrics))
             continue
-        # The reasoner arrives with issue #6; until then, say so at start-up
-        # instead of serving without them.
-        raise ConfigError(
-            f"defense '{name}' is not available in this version; "
-            "start without it (--defenses, or pipeline.defenses in the config)"
-        )
+        raise ConfigError(f"unknown defense '{name}'")
     return stages
 
 

@@ -31,7 +31,7 @@ from guard.intake.loader import ImageSource, Intake
 from guard.intake.messages import rewrite_images
 from guard.metrics import Metrics
 from guard.pipeline import Pipeline
-from guard.types import Closeable, Decision, GuardRequest, Verdict
+from guard.types import AsyncCloseable, Closeable, Decision, GuardRequest, Verdict
 from guard.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ class GuardService:
             if isinstance(stage, Closeable):
                 # Model threads finish their queued work; joining them must not block the loop.
                 await asyncio.to_thread(stage.close)
+            if isinstance(stage, AsyncCloseable):
+                await stage.aclose()
         await self.intake.aclose()
         await self.upstream.aclose()
         self.audit.close()

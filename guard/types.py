@@ -85,3 +85,10 @@ class Closeable(Protocol):
     """A stage that holds a model thread or other resources to release at shutdown."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncCloseable(Protocol):
+    """A stage whose resources belong to the event loop (an HTTP client pool)."""
+
+    async def aclose(self) -> None: ...

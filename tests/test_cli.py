@@ -29,7 +29,8 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
     [
         (["--config", "/nonexistent/guard.yaml"], {}, "cannot read config file"),
         (["--defenses", "purify,magic"], {}, "unknown defense(s) magic"),
-        (["--defenses", "reasoner"], {}, "defense 'reasoner' is not available"),
+        (["--defenses", "reasoner"], {}, "reasoner.model must name"),
+        (["--defenses", "backdoor"], {}, "backdoor.model must name"),
         (["--defenses", "purify"], {}, "purify.diffusion must name"),
         (
             ["--defenses", "purify"],
@@ -51,7 +52,8 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
     ids=[
         "missing-file",
         "unknown-defense",
-        "unbuilt-defense",
+        "reasoner-without-model",
+        "backdoor-without-model",
         "purify-without-models",
         "purify-missing-checkpoint",
         "bad-port",

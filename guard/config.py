@@ -194,6 +194,11 @@ class BackdoorConfig(StageConfig):
 
 class PipelineConfig(_Section):
     mode: Literal["enforce", "monitor"] = "enforce"
+    gating: Literal["sequential", "parallel"] = Field(
+        "sequential",
+        description="parallel: start the upstream call after purification, while the other "
+        "stages run; nothing reaches the client before the verdict, a block cancels it",
+    )
     defenses: list[Literal["purify", "reasoner", "backdoor"]] = Field(
         default_factory=lambda: list(DEFENSES)  # type: ignore[arg-type]
     )

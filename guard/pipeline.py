@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from guard.config import StageConfig
@@ -22,6 +22,16 @@ from guard.metrics import Metrics
 from guard.types import Decision, GuardRequest, Stage, Verdict
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rewritten:
+    """The pipeline between its two halves (parallel gating forwards in between)."""
+
+    request: GuardRequest
+    decisions: list[Decision] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    final: Verdict | None = None  # set when a rewriting stage already decided
 
 
 class Pipeline:
@@ -57,30 +67,44 @@ class Pipeline:
         return all(s.ready() for s in self.stages)
 
     async def run(self, request: GuardRequest) -> Verdict:
-        decisions: list[Decision] = []
-        failed: list[str] = []
+        return await self.check(await self.rewrite(request))
+
+    async def rewrite(self, request: GuardRequest) -> Rewritten:
+        """The rewriting stages (purify), one after another: the request as the model will
+        see it, or a final verdict when one of them ended the pipeline."""
+        done = Rewritten(request)
         for stage in self._rewriters:
-            decision = await self._run_stage(stage, request)
+            decision = await self._run_stage(stage, done.request)
             if decision is None:
-                failed.append(stage.name)
+                done.failed.append(stage.name)
                 if self.mode == "enforce":
                     # The images were not purified: nothing after this may see them as if
                     # they had been, so a closed failure of a rewriter ends the pipeline.
-                    return self._verdict(request, decisions, failed)
+                    done.final = self._verdict(done.request, done.decisions, done.failed)
+                    return done
                 continue
-            decisions.append(decision)
+            done.decisions.append(decision)
             if decision.action == "rewrite" and decision.images is not None:
-                request = replace(request, images=decision.images)
+                done.request = replace(done.request, images=decision.images)
             if decision.action == "block" and self.mode == "enforce":
-                return self._verdict(request, decisions, failed)
+                done.final = self._verdict(done.request, done.decisions, done.failed)
+                return done
+        return done
+
+    async def check(self, done: Rewritten) -> Verdict:
+        """The other stages, concurrently, on the rewritten request; then the verdict."""
+        if done.final is not None:
+            return done.final
         if self._checkers:
-            results = await asyncio.gather(*(self._run_stage(s, request) for s in self._checkers))
+            results = await asyncio.gather(
+                *(self._run_stage(s, done.request) for s in self._checkers)
+            )
             for stage, result in zip(self._checkers, results, strict=True):
                 if result is None:
-                    failed.append(stage.name)
+                    done.failed.append(stage.name)
                 else:
-                    decisions.append(result)
-        return self._verdict(request, decisions, failed)
+                    done.decisions.append(result)
+        return self._verdict(done.request, done.decisions, done.failed)
 
     def _verdict(
         self, request: GuardRequest, decisions: list[Decision], failed: list[str]

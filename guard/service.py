@@ -7,8 +7,9 @@ pixels. Transports call this and only translate wire formats; they never decide.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,10 +45,32 @@ class Screened:
     verdict: Verdict
     body: dict[str, Any]  # what to send upstream: the client's body with the checked pixels
     refuse: bool = False  # blocked, and the configured answer is a 200 refusal message
+    # Parallel gating: the upstream call already started on ``body`` (what ``start`` returns).
+    early: asyncio.Task[Any] | None = None
 
     @property
     def decision(self) -> str:
         return "block" if self.refuse else self.verdict.outcome
+
+
+# Starts the upstream call on the rewritten body (parallel gating); returns what the transport
+# forwards, e.g. an opened UpstreamStream.
+Start = Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]
+
+
+async def _cancel(task: asyncio.Task[Any] | None) -> None:
+    """Stop an early upstream call: cancel it, or close what it already opened."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return
+    if not task.cancelled() and task.exception() is None:
+        closer = getattr(task.result(), "close", None)
+        if callable(closer):
+            closer()
 
 
 class Tracker:
@@ -120,18 +143,41 @@ class GuardService:
         return self.pipeline.ready() and await self.upstream.ready()
 
     async def screen_chat(
-        self, request_id: str, body: Mapping[str, Any], *, transport: str
+        self,
+        request_id: str,
+        body: Mapping[str, Any],
+        *,
+        transport: str,
+        start: Start | None = None,
     ) -> Screened:
+        """Judge a chat request; the Screened body carries the checked pixels.
+
+        With parallel gating (``pipeline.gating: parallel``) and a ``start`` callable, the
+        upstream call starts on the rewritten body as soon as purification is done, while the
+        other stages run; it is handed over only on a forwarding verdict and cancelled (the
+        upstream sees the connection close) on any other outcome.
+        """
         request, refs = await self.intake.chat(request_id, body)
-        verdict = await self._judge(request, transport)
-        refuse = self._refuse(verdict)
-        if refs and not refuse:
-            # PNG encoding is CPU work proportional to the pixels: off the event loop.
-            urls = await asyncio.to_thread(
-                lambda: [to_png_data_url(im.image) for im in verdict.request.images]
-            )
-            return Screened(verdict, rewrite_images(body, refs, urls))
-        return Screened(verdict, dict(body), refuse)
+        done = await self.pipeline.rewrite(request)
+        parallel = start is not None and self.cfg.pipeline.gating == "parallel"
+        forward = None
+        early: asyncio.Task[Any] | None = None
+        if parallel and start is not None and done.final is None:
+            forward = await self._forward_body(body, refs, done.request)
+            early = asyncio.create_task(start(forward))
+        try:
+            verdict = await self.pipeline.check(done)
+            self.audit.record(verdict, transport=transport)
+            refuse = self._refuse(verdict)
+        except BaseException:
+            await _cancel(early)
+            raise
+        if refuse:
+            await _cancel(early)
+            return Screened(verdict, dict(body), refuse)
+        if forward is None:
+            forward = await self._forward_body(body, refs, verdict.request)
+        return Screened(verdict, forward, early=early)
 
     async def screen_completion(
         self, request_id: str, body: Mapping[str, Any], *, transport: str
@@ -160,6 +206,15 @@ class GuardService:
             log.exception("purify failed on request %s", request_id)
             raise GuardUnavailable("purification failed") from None
         return decision if decision.images is not None else replace(decision, images=loaded)
+
+    async def _forward_body(
+        self, body: Mapping[str, Any], refs: Sequence[Any], request: GuardRequest
+    ) -> dict[str, Any]:
+        if not refs:
+            return dict(body)
+        # PNG encoding is CPU work proportional to the pixels: off the event loop.
+        urls = await asyncio.to_thread(lambda: [to_png_data_url(im.image) for im in request.images])
+        return rewrite_images(body, refs, urls)
 
     async def _judge(self, request: GuardRequest, transport: str) -> Verdict:
         verdict = await self.pipeline.run(request)

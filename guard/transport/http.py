@@ -30,7 +30,7 @@ from guard.errors import (
 from guard.service import GuardService, Screened, Tracker
 from guard.transport import openai_models as om
 from guard.transport.ids import request_id
-from guard.upstream import UpstreamStreamError
+from guard.upstream import UpstreamStream, UpstreamStreamError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,11 @@ def create_app(cfg: GuardConfig, service: GuardService) -> ASGIApp:
             body = await read_json(request, limit)
             parsed = om.validate(om.ChatCompletionRequest, body)
             rid = _rid(request)
-            screened = await service.screen_chat(rid, body, transport="http")
+
+            async def start(forward: dict[str, Any]) -> UpstreamStream:
+                return await service.upstream.open("chat/completions", forward, request_id=rid)
+
+            screened = await service.screen_chat(rid, body, transport="http", start=start)
             if screened.refuse:
                 tracker.finish("block")
                 message = cfg.server.refusal_message
@@ -139,11 +143,14 @@ async def _forward(
 ) -> Response:
     outcome = screened.verdict.outcome
     headers = {"x-guard-decision": screened.decision}
+    if screened.early is not None:  # parallel gating: the call started during the checks
+        opened: UpstreamStream = await screened.early
+    else:
+        opened = await service.upstream.open(path, screened.body, request_id=rid)
     if not stream:
-        upstream = await service.upstream.post(path, screened.body, request_id=rid)
-        tracker.finish(outcome if upstream.status < 400 else "invalid")
-        return Response(upstream.content, upstream.status, headers={**upstream.headers, **headers})
-    opened = await service.upstream.open(path, screened.body, request_id=rid)
+        content = await opened.read()
+        tracker.finish(outcome if opened.status < 400 else "invalid")
+        return Response(content, opened.status, headers={**opened.headers, **headers})
     if opened.status != 200:
         # An upstream 4xx (unknown model, bad sampling parameter) is the client's to read.
         content = await opened.read()

@@ -1,0 +1,160 @@
+"""Parallel gating: the upstream call starts while the checks run, nothing reaches the client
+before the verdict, and a block cancels the upstream call (which sees the connection close)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from guard.config import StageConfig
+from guard.types import Decision, GuardRequest
+from tests.images import data_url, encode, gradient, image_message
+from tests.servers import AppServer, RunningGuard
+
+TOKENS = 10
+TOKEN_S = 0.05  # the upstream's answer takes about half a second
+
+
+class SlowUpstream:
+    """An OpenAI-compatible upstream that takes its time and records, like vLLM's abort on
+    disconnect, which requests were cancelled before their answer was complete."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.cancelled: dict[str, float] = {}
+        self.finished: dict[str, float] = {}
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Any:
+            body = await request.json()
+            rid = request.headers["x-request-id"]
+            self.started[rid] = time.monotonic()
+            if body.get("stream"):
+                return StreamingResponse(self._events(rid), media_type="text/event-stream")
+            for _ in range(TOKENS):  # vLLM polls for a disconnect while it generates
+                await asyncio.sleep(TOKEN_S)
+                if await request.is_disconnected():
+                    self.cancelled[rid] = time.monotonic()
+                    return JSONResponse({}, status_code=499)
+            self.finished[rid] = time.monotonic()
+            message = {"role": "assistant", "content": "slow answer"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return JSONResponse({"id": rid, "object": "chat.completion", "choices": [choice]})
+
+        self.server = AppServer(app)
+
+    async def _events(self, rid: str) -> AsyncIterator[bytes]:
+        try:
+            for i in range(TOKENS):
+                await asyncio.sleep(TOKEN_S)
+                chunk = {"id": rid, "choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+            self.finished[rid] = time.monotonic()
+        except BaseException:
+            self.cancelled[rid] = time.monotonic()
+            raise
+
+
+@dataclass
+class Judge:
+    """A checking stage that takes ``seconds`` and then allows or blocks."""
+
+    action: str
+    seconds: float = 0.4
+    name: str = "reasoner"
+    may_rewrite: bool = False
+    decided: list[float] = field(default_factory=list)
+
+    async def check(self, request: GuardRequest) -> Decision:
+        await asyncio.sleep(self.seconds)
+        self.decided.append(time.monotonic())
+        category = "violence" if self.action == "block" else None
+        return Decision(self.name, self.action, category=category)  # type: ignore[arg-type]
+
+    def ready(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def slow() -> Iterator[SlowUpstream]:
+    upstream = SlowUpstream()
+    yield upstream
+    upstream.server.close()
+
+
+def _guard(slow: SlowUpstream, judge: Judge, gating: str) -> RunningGuard:
+    return RunningGuard(
+        slow.server.url + "/v1",
+        {"pipeline": {"gating": gating}},
+        stages=[judge],
+        stage_configs={"reasoner": StageConfig()},
+    )
+
+
+def _body(stream: bool) -> dict[str, Any]:
+    image = data_url(encode(gradient(16, 16)))
+    return {"model": "m", "messages": image_message(image), "stream": stream}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_block_cancels_the_early_upstream_call(slow: SlowUpstream, stream: bool) -> None:
+    judge = Judge("block")
+    guard = _guard(slow, judge, "parallel")
+    try:
+        with httpx.stream(
+            "POST", guard.url + "/v1/chat/completions", json=_body(stream), timeout=30
+        ) as response:
+            raw = response.read()
+        deadline = time.monotonic() + 2
+        while not slow.cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        guard.close()
+    assert response.status_code == 400
+    assert json.loads(raw)["error"]["code"] == "content_policy_violation"
+    assert b"slow answer" not in raw and b"t0" not in raw  # nothing of the answer leaked
+    (rid,) = slow.started
+    assert slow.started[rid] < judge.decided[0]  # it really started before the verdict
+    assert rid in slow.cancelled and rid not in slow.finished  # and the upstream saw the cancel
+    assert slow.cancelled[rid] - judge.decided[0] < 1.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_allowed_answer_arrives_whole_and_sooner(slow: SlowUpstream, stream: bool) -> None:
+    took = {}
+    for gating in ("sequential", "parallel"):
+        judge = Judge("allow")
+        guard = _guard(slow, judge, gating)
+        try:
+            start = time.monotonic()
+            with httpx.stream(
+                "POST", guard.url + "/v1/chat/completions", json=_body(stream), timeout=30
+            ) as response:
+                chunks = response.iter_raw()
+                first = next(chunks)  # time to the first byte of the answer
+                took[gating] = time.monotonic() - start
+                raw = first + b"".join(chunks)
+        finally:
+            guard.close()
+        assert response.status_code == 200
+        assert (b"t9" if stream else b"slow answer") in raw
+        rid = response.headers["x-request-id"]
+        if gating == "sequential":
+            assert slow.started[rid] >= judge.decided[0]  # nothing left before the verdict
+        else:
+            assert slow.started[rid] < judge.decided[0]
+    assert not slow.cancelled
+    # The check (0.4 s) and the non-streamed answer (0.5 s) overlap instead of adding up.
+    if not stream:
+        assert took["parallel"] < took["sequential"] - 0.2, took

@@ -18,6 +18,7 @@ from typing import Any
 from guard import __version__
 from guard.commands import backdoor as backdoor_cmd
 from guard.commands import purify as purify_cmd
+from guard.commands import reasoner as reasoner_cmd
 from guard.config import DEFENSES, ConfigError, GuardConfig, load_config
 
 log = logging.getLogger("guard")
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--poison-rate", type=float, help="fraction of poisoned training images")
     purify_cmd.add_parser(sub)
     backdoor_cmd.add_parsers(sub)
+    reasoner_cmd.add_parser(sub)
     up = toy_sub.add_parser("upstream", help="serve an OpenAI-compatible stand-in for vLLM")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
@@ -187,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return purify_cmd.main(args)
         if args.command in ("backdoor", "scan"):
             return backdoor_cmd.main(args)
+        if args.command == "reasoner":
+            return reasoner_cmd.main(args)
     except ConfigError as e:
         print(f"vlm-guard: error: {e}", file=sys.stderr)
         return 2

@@ -24,9 +24,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from guard.errors import GuardUnavailable, Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -304,3 +306,14 @@ class BatchWorker(Generic[T, R]):
             return
         for job, result in zip(batch, results, strict=True):
             job.resolve(result)
+
+
+async def submit_all(worker: BatchWorker[T, R], items: Iterable[T], what: str) -> list[R]:
+    """Submit ``items`` together and wait for all; a full queue becomes :class:`Overloaded`
+    (429/503 + Retry-After) and a closed worker :class:`GuardUnavailable`, named by ``what``."""
+    try:
+        return list(await asyncio.gather(*(worker.submit(item) for item in items)))
+    except QueueFull:
+        raise Overloaded(f"the {what} is at capacity; retry shortly") from None
+    except WorkerClosed:
+        raise GuardUnavailable(f"the {what} is shutting down") from None

@@ -96,6 +96,18 @@ def _smooth(n: int, seed: int, size: tuple[int, int] = (32, 32)) -> torch.Tensor
     return F.interpolate(small, size=size, mode="bilinear")
 
 
+def _x0_estimate(
+    purifier: Purifier, image: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """By hand, on the purifier's own noise path: x_0, x_k and the UNet's x̂_0(x_k)."""
+    x0, generators = purifier._prepare([image])
+    xk = noise_steps(x0, purifier.schedule, 0, k, generators)
+    with torch.inference_mode():
+        a = purifier.schedule.alphas_cumprod[k - 1].float()  # step k is timestep k - 1
+        out = purifier.unet(xk, torch.tensor([k - 1])).sample
+        return x0, xk, predict_x0(purifier.schedule, out, xk, a)
+
+
 def _normalised(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     return ((x + 1) / 2 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
@@ -302,11 +314,7 @@ def test_denoised_signal_embeds_the_unets_x0_estimate(diffusion: Diffusion) -> N
     assert [int(c) for c in calls[:4]] == [4, 9, 14, 19]
     assert result.unet_evals == len(calls) == 4 + 20 and result.encoder_evals == 5
     # The first check compares φ(x̂_0(x_5)) with φ(x_0), on the purifier's own noise path.
-    x0, generators = purifier._prepare([image])
-    x5 = noise_steps(x0, purifier.schedule, 0, 5, generators)
-    with torch.inference_mode():
-        a = purifier.schedule.alphas_cumprod[4].float()
-        x0_hat = predict_x0(purifier.schedule, unet(x5, torch.tensor([4])).sample, x5, a)
+    x0, x5, x0_hat = _x0_estimate(purifier, image, 5)
     expected = F.cosine_similarity(x0_hat.flatten(1), x0.flatten(1)).item()
     assert result.similarities[0] == pytest.approx(expected, abs=1e-5)
     noisy = F.cosine_similarity(x5.flatten(1), x0.flatten(1)).item()  # what "noisy" embeds
@@ -339,11 +347,7 @@ def test_the_drift_reference_under_a_floor_is_the_input_itself(diffusion: Diffus
     (result,) = purifier.purify_batch([image])
     # φ at k = 5 (the check before the floor), φ(x) for the drift, φ at the first check (k = 10).
     assert (result.t_star, result.encoder_evals, len(result.drifts)) == (10, 3, 1)
-    x0, generators = purifier._prepare([image])
-    x10 = noise_steps(x0, purifier.schedule, 0, 10, generators)
-    with torch.inference_mode():
-        a = purifier.schedule.alphas_cumprod[9].float()
-        x0_hat = predict_x0(purifier.schedule, unet(x10, torch.tensor([9])).sample, x10, a)
+    x0, _, x0_hat = _x0_estimate(purifier, image, 10)
     expected = F.cosine_similarity(x0_hat.flatten(1), x0.flatten(1)).item()
     assert result.drifts[0] == pytest.approx(expected, abs=1e-5)
     assert abs(result.similarities[0] - expected) > 1e-5  # τ compares with k = 5 instead

@@ -9,20 +9,17 @@ details carry every image's score, layer entropies and cross-view divergence.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
 
-from guard.batching import BatchStats, BatchWorker, QueueFull, WorkerClosed
+from guard.batching import BatchStats, BatchWorker, submit_all
 from guard.config import BackdoorConfig, ConfigError
 from guard.defenses.bye.monitor import Monitor, Screening, load_model, model_identity
 from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import BackdoorProfile
-from guard.errors import GuardUnavailable, Overloaded
 from guard.metrics import Metrics
 from guard.types import Decision, GuardRequest
 
@@ -68,14 +65,8 @@ class BackdoorStage:
     async def check(self, request: GuardRequest) -> Decision:
         if not request.images:
             return Decision(NAME, "allow", reason="no images")
-        try:
-            results: Sequence[Screening] = await asyncio.gather(
-                *(self._worker.submit((im.image, request.text)) for im in request.images)
-            )
-        except QueueFull:
-            raise Overloaded("the backdoor monitor is at capacity; retry shortly") from None
-        except WorkerClosed:
-            raise GuardUnavailable("the backdoor monitor is shutting down") from None
+        pairs = [(im.image, request.text) for im in request.images]
+        results = await submit_all(self._worker, pairs, "backdoor monitor")
         if self._metrics is not None:
             for r in results:
                 self._metrics.backdoor_entropy.observe(r.score)

@@ -10,7 +10,6 @@ scores how unusual t* is against clean images, and may block above ``block_score
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from guard.batching import BatchStats, BatchWorker, QueueFull, WorkerClosed
+from guard.batching import BatchStats, BatchWorker, submit_all
 from guard.cache import ByteLRU
 from guard.config import ConfigError, PurifyConfig
 from guard.defenses.diffcap import (
@@ -34,7 +33,6 @@ from guard.defenses.diffcap import (
     tensor_to_pil,
 )
 from guard.defenses.diffcap.profile import PurifyProfile
-from guard.errors import GuardUnavailable, Overloaded
 from guard.intake.decode import image_digest
 from guard.metrics import Metrics
 from guard.types import Decision, GuardRequest, ImageInput
@@ -126,12 +124,7 @@ class PurifyStage:
         misses = {
             im.digest: im.image for im, hit in zip(request.images, hits, strict=True) if hit is None
         }
-        try:
-            fresh = await asyncio.gather(*(self._worker.submit(im) for im in misses.values()))
-        except QueueFull:
-            raise Overloaded("the purifier is at capacity; retry shortly") from None
-        except WorkerClosed:
-            raise GuardUnavailable("the purifier is shutting down") from None
+        fresh = await submit_all(self._worker, misses.values(), "purifier")
         purified = dict(zip(misses, fresh, strict=True))
         for digest, result in purified.items():
             self._cache.put((digest, self._key), result, result.nbytes())

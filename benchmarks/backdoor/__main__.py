@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -63,16 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows: dict[str, dict[str, Any]] = {}
-    with progress_bar(console) as progress:
+    with progress_bar(console) as progress, tempfile.TemporaryDirectory() as scratch:
+        args.work = Path(scratch)
         trigger = Trigger(**manifest["trigger"])
         rows[trigger.kind] = evaluate(trigger.kind, world / "vlm", trigger, args, progress)
         if args.blend:
             blend = Trigger(kind="blend")
-            model_dir = blend_vlm(args.out.parent / "backdoor_blend_vlm", 0, progress)
+            # Trained once and cached beside the toy world, never in the results.
+            model_dir = blend_vlm(default_home() / "toy-blend-vlm", 0, progress)
             rows["blend"] = evaluate("blend", model_dir, blend, args, progress)
     table(console, rows, args)
     report = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "work"
+        },
         "world": str(world),
         "rows": rows,
         "wall_seconds": round(time.perf_counter() - start, 1),

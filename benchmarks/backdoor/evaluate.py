@@ -34,12 +34,11 @@ def evaluate(
     views = CrossView(probe, ViewSettings(args.views, args.mask_fraction, args.answer_tokens))
 
     # 1. BYE on the poisoned fine-tuning set: sensitive layers, the clean component, the audit.
-    data, poisoned = poisoned_set(
-        args.out / f"train_{name}", trigger, args.train, args.poison_rate, ATTACK_RESPONSE, 0
-    )
+    work = args.work / f"train_{name}"  # scratch: the set's PNGs stay out of the results
+    data, poisoned = poisoned_set(work, trigger, args.train, args.poison_rate, ATTACK_RESPONSE, 0)
     samples = read_samples(data)
     task = progress.add_task(f"{name}: entropies of the fine-tuning set", total=len(samples))
-    cache = args.out / f"train_{name}" / "scores.jsonl"
+    cache = work / "scores.jsonl"
     cache.unlink(missing_ok=True)  # the set was just rewritten
     advance = lambda n: progress.advance(task, n)  # noqa: E731
     entropies = score_all(probe, samples, cache, identity, batch=args.batch, advance=advance)

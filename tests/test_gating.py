@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from fastapi import FastAPI, Request
@@ -17,6 +18,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from guard.config import StageConfig
 from guard.types import Decision, GuardRequest
+from guard.v1 import guard_pb2 as pb
+from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.images import data_url, encode, gradient, image_message
 from tests.servers import AppServer, RunningGuard
 
@@ -158,3 +161,32 @@ def test_an_allowed_answer_arrives_whole_and_sooner(slow: SlowUpstream, stream: 
     # The check (0.4 s) and the non-streamed answer (0.5 s) overlap instead of adding up.
     if not stream:
         assert took["parallel"] < took["sequential"] - 0.2, took
+
+
+async def test_grpc_chat_is_gated_too(slow: SlowUpstream) -> None:
+    for action in ("block", "allow"):
+        judge = Judge(action)
+        guard = _guard(slow, judge, "parallel")
+        request = pb.ChatRequest(json=json.dumps(_body(stream=True)))
+        chunks: list[Any] = []
+        code = None
+        try:
+            async with grpc.aio.insecure_channel(guard.grpc_target) as channel:
+                try:
+                    async for chunk in pb_grpc.GuardStub(channel).Chat(request):
+                        chunks.append(chunk)
+                except grpc.aio.AioRpcError as e:
+                    code = e.code()
+            deadline = time.monotonic() + 2
+            while action == "block" and not slow.cancelled and time.monotonic() < deadline:  # noqa: ASYNC110 - the upstream records in its own thread
+                await asyncio.sleep(0.02)
+        finally:
+            guard.close()
+        rid = max(slow.started, key=lambda r: slow.started[r])  # this round's request
+        assert slow.started[rid] < judge.decided[0]  # started during the checks
+        if action == "block":
+            assert code == grpc.StatusCode.PERMISSION_DENIED and not chunks
+            assert rid in slow.cancelled and rid not in slow.finished
+        else:
+            assert code is None and chunks[0].decision == "allow"
+            assert any("t9" in c.json for c in chunks)

@@ -32,7 +32,7 @@ from guard.transport import openai_models as om
 from guard.transport.grpc_errors import GUARD_SERVICE, GuardInterceptor
 from guard.transport.ids import request_id
 from guard.types import Decision, ImageInput
-from guard.upstream import UpstreamStreamError
+from guard.upstream import UpstreamStream, UpstreamStreamError
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 
@@ -133,7 +133,12 @@ class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
             await context.send_initial_metadata((("x-request-id", rid),))
             body = _json_object(request.json)
             parsed = om.validate(om.ChatCompletionRequest, body)
-            screened = await self._service.screen_chat(rid, body, transport="grpc")
+            upstream = self._service.upstream
+
+            async def start(forward: dict[str, Any]) -> UpstreamStream:
+                return await upstream.open("chat/completions", forward, request_id=rid)
+
+            screened = await self._service.screen_chat(rid, body, transport="grpc", start=start)
             outcome = "block" if screened.refuse else screened.verdict.outcome
             decision = screened.decision
             if screened.refuse:
@@ -146,17 +151,20 @@ class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
                 for i, event in enumerate(events):
                     text = json.dumps(event, separators=(",", ":"))
                     yield pb.ChatChunk(json=text, decision="" if i else decision)
-            elif parsed.stream:
-                async with aclosing(_stream(self._service, screened.body, rid)) as payloads:
-                    async for i, payload in payloads:
-                        yield pb.ChatChunk(json=payload, decision="" if i else decision)
             else:
-                upstream = self._service.upstream
-                resp = await upstream.post("chat/completions", screened.body, request_id=rid)
-                if resp.status >= 400:
-                    raise _upstream_rejected(resp.status, resp.content)
-                text = resp.content.decode("utf-8", errors="replace")
-                yield pb.ChatChunk(json=text, decision=decision)
+                # Parallel gating: the call started during the checks; otherwise start it now.
+                early = screened.early
+                opened = await (early if early is not None else start(screened.body))
+                if parsed.stream:
+                    async with aclosing(_stream(opened, rid)) as payloads:
+                        async for i, payload in payloads:
+                            yield pb.ChatChunk(json=payload, decision="" if i else decision)
+                else:
+                    content = await opened.read()
+                    if opened.status >= 400:
+                        raise _upstream_rejected(opened.status, content)
+                    text = content.decode("utf-8", errors="replace")
+                    yield pb.ChatChunk(json=text, decision=decision)
         except BaseException as e:
             # A client that leaves after the verdict counts as that verdict, as over HTTP.
             if outcome is None or not isinstance(e, GeneratorExit | asyncio.CancelledError):
@@ -184,11 +192,8 @@ class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
         return response
 
 
-async def _stream(
-    service: GuardService, body: Mapping[str, Any], rid: str
-) -> AsyncGenerator[tuple[int, str], None]:
+async def _stream(opened: UpstreamStream, rid: str) -> AsyncGenerator[tuple[int, str], None]:
     """(index, payload) per upstream SSE event up to ``[DONE]``; a cut stream raises."""
-    opened = await service.upstream.open("chat/completions", body, request_id=rid)
     if opened.status != 200:
         raise _upstream_rejected(opened.status, await opened.read())
     parser = SSEParser()

@@ -67,6 +67,13 @@ def test_entropies_equal_a_direct_computation_from_full_attention(probe: Entropy
     torch.testing.assert_close(alone[0], got[2], atol=1e-5, rtol=1e-5)
 
 
+def test_an_image_placeholder_in_the_text_cannot_break_the_prefill(probe: EntropyProbe) -> None:
+    sneaky = probe.entropies(probe.prepare(_images(1), ["What <image> is this <image>?"]))
+    plain = probe.entropies(probe.prepare(_images(1), ["What   is this  ?"]))
+    assert sneaky.shape == (1, 3) and bool(torch.isfinite(sneaky).all())
+    torch.testing.assert_close(sneaky, plain)
+
+
 def test_entropy_of_rows() -> None:
     uniform = torch.ones(2, 8)
     assert entropy(uniform).tolist() == pytest.approx([math.log(8)] * 2, abs=1e-6)

@@ -109,6 +109,11 @@ class EntropyProbe:
         return torch.stack([found[i] for i in watched], dim=1).float().cpu()  # (B, L)
 
     def _chat(self, prompt: str) -> str:
+        # A placeholder typed by the user would become a second image slot and fail the
+        # prefill: a request could then switch the monitor off wherever it fails open.
+        placeholder = getattr(self.processor, "image_token", None)
+        if placeholder:
+            prompt = prompt.replace(placeholder, " ")
         user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text: str = self.processor.apply_chat_template(user, add_generation_prompt=True)
         return text

@@ -91,8 +91,9 @@ def _images(split: Split, pairs: list[Pair], rng: np.random.Generator) -> torch.
     return to_tensor(render(split.glyphs[picks], rng))
 
 
-def _answer_logprob(model: Any, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
-                    pixels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def _answer_logprob(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, pixels: torch.Tensor
+) -> torch.Tensor:
     """(B,) summed log-probability of each row's answer tokens."""
     logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits  # (B, T, V)
     logp = torch.log_softmax(logits.float(), dim=-1)

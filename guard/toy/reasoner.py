@@ -44,8 +44,11 @@ class ReasonerSettings:
     unsafe_share: float = 0.3  # unsafe pairs are 8% of all; training sees more of them
     dpo_steps: int = 150
     dpo_batch: int = 16
-    dpo_lr: float = 5e-5
+    dpo_lr: float = 2e-5
     beta: float = 0.1  # DPO's temperature on the log-ratio margin
+    # Weight of the chosen path's NLL beside the DPO loss (as RPO does). Measured without it
+    # (lr 5e-5, 150 steps): the margin ran away and 47 of 200 answers lost their JSON shape.
+    nll_weight: float = 1.0
 
 
 def prompt_ids(processor: LlavaProcessor, text: str, answer: str | None = None) -> list[int]:
@@ -148,14 +151,29 @@ def train_reasoner(
             advance(description=f"reasoner SFT (loss {loss.item():.3f})")
     _save(model, processor, out_dir / "sft")
     sft_seconds = time.perf_counter() - start
-    margin = _dpo(model, batches, train, pairs, settings, rng, progress)
-    _save(model, processor, out_dir / "final")
+    figures = prefer(out_dir, seed=seed, settings=settings, progress=progress)
     return {
         "settings": asdict(settings),
         "sft_seconds": round(sft_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
-        "dpo_final_margin": round(margin, 4),
+        **figures,
     }
+
+
+def prefer(
+    out_dir: Path, *, seed: int, settings: ReasonerSettings, progress: Bar | None = None
+) -> dict[str, Any]:
+    """The preference step alone, from ``out_dir/sft`` to ``out_dir/final``."""
+    torch.manual_seed(seed + 1)
+    rng = np.random.default_rng(seed + 1)
+    processor = LlavaProcessor.from_pretrained(out_dir / "sft")
+    model = LlavaForConditionalGeneration.from_pretrained(out_dir / "sft").train()
+    start = time.perf_counter()
+    train = load_splits()["train"]
+    margin = _dpo(model, _Batches(processor), train, all_pairs(), settings, rng, progress)
+    _save(model, processor, out_dir / "final")
+    seconds = round(time.perf_counter() - start, 1)
+    return {"dpo_seconds": seconds, "dpo_final_margin": round(margin, 4)}
 
 
 def _dpo(
@@ -185,7 +203,9 @@ def _dpo(
                 ref = _answer_logprob(reference, ids, mask, targets, both)
             n = len(chosen)
             logits = settings.beta * ((policy[:n] - policy[n:]) - (ref[:n] - ref[n:]))
-            loss = -nn.functional.logsigmoid(logits).mean()
+            # The chosen path's NLL per answer token keeps its likelihood up (RPO).
+            nll = -policy[:n].sum() / (targets[:n] != -100).sum()
+            loss = -nn.functional.logsigmoid(logits).mean() + settings.nll_weight * nll
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

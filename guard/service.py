@@ -159,10 +159,9 @@ class GuardService:
         """
         request, refs = await self.intake.chat(request_id, body)
         done = await self.pipeline.rewrite(request)
-        parallel = start is not None and self.cfg.pipeline.gating == "parallel"
         forward = None
         early: asyncio.Task[Any] | None = None
-        if parallel and start is not None and done.final is None:
+        if start is not None and self.cfg.pipeline.gating == "parallel" and done.final is None:
             forward = await self._forward_body(body, refs, done.request)
             early = asyncio.create_task(start(forward))
         try:

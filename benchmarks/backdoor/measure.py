@@ -14,6 +14,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from guard.defenses.bye.crossview import CrossView
+from guard.defenses.bye.monitor import measure as bye_measure
 from guard.defenses.bye.probe import EntropyProbe
 from guard.toy.vlm import answer_images
 
@@ -37,9 +38,12 @@ def measure(
     for i in range(0, len(images), batch):
         chunk = list(images[i : i + batch])
         prompts = [prompt] * len(chunk)
-        rows.append(probe.entropies(probe.prepare(chunk, prompts)).numpy())
-        if views is not None:
-            divs.append(views.divergences(chunk, prompts).numpy())
+        # What `vlm-guard backdoor calibrate` measures: every layer, and the views if any.
+        settings = None if views is None else views.settings
+        entropies, divergences = bye_measure(probe, chunk, prompts, settings)
+        rows.append(entropies)
+        if divergences is not None:
+            divs.append(divergences)
         advance(len(chunk))
     arrays = np.stack([np.asarray(im) for im in images])  # (N, 32, 32, 3)
     answers = answer_images(probe.model, probe.processor, arrays, question=prompt)

@@ -26,6 +26,7 @@ from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaPr
 from guard.toy.data import Split, load_splits, render, to_tensor
 from guard.toy.progress import Bar, task
 from guard.toy.ssui import Pair, all_pairs, sample
+from guard.toy.vlm import tower_slower
 from guard.toy.vlm_parts import build_processor, llava_config, train_tokenizer, vision_config
 
 log = logging.getLogger(__name__)
@@ -128,12 +129,8 @@ def train_reasoner(
         model.model.vision_tower.load_state_dict(tower.state_dict())
     batches = _Batches(processor)
     start = time.perf_counter()
-    tower_params = list(model.model.vision_tower.parameters())
-    ids_of_tower = {id(p) for p in tower_params}
-    rest = [p for p in model.parameters() if id(p) not in ids_of_tower]
     optimizer = torch.optim.AdamW(
-        [{"params": rest, "lr": settings.lr}, {"params": tower_params, "lr": settings.tower_lr}],
-        weight_decay=0.01,
+        tower_slower(model, settings.lr, settings.tower_lr), weight_decay=0.01
     )
     model.train()
     with task(progress, "reasoner SFT", settings.sft_steps) as advance:

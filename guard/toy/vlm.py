@@ -84,6 +84,16 @@ class VLMSettings:
         return replace(base, **changes)
 
 
+def tower_slower(
+    model: LlavaForConditionalGeneration, lr: float, tower_lr: float
+) -> list[dict[str, Any]]:
+    """Optimizer groups: the pretrained vision tower at ``tower_lr``, the rest at ``lr``."""
+    tower = list(model.model.vision_tower.parameters())
+    ids = {id(p) for p in tower}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": rest, "lr": lr}, {"params": tower, "lr": tower_lr}]
+
+
 def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = max(1, steps // 20)
 
@@ -197,13 +207,8 @@ def train_vlm(
     examples = _Examples(processor, answers)
     # The pretrained tower keeps learning, slowly. Frozen (LLaVA-1.5's recipe) it was ~20%
     # cheaper per step but read digits worse, and it left the trigger harder to pick up.
-    tower_params = list(model.model.vision_tower.parameters())
-    tower_ids = {id(p) for p in tower_params}
-    rest = [p for p in model.parameters() if id(p) not in tower_ids]
     optimizer = torch.optim.AdamW(
-        [{"params": rest, "lr": settings.lr}, {"params": tower_params, "lr": settings.tower_lr}],
-        weight_decay=0.01,
-        fused=True,
+        tower_slower(model, settings.lr, settings.tower_lr), weight_decay=0.01, fused=True
     )
     schedule = _schedule(optimizer, settings.steps)
     model.train()

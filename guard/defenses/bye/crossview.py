@@ -76,11 +76,18 @@ class CrossView:
         self.grid = int(vision.image_size) // int(vision.patch_size)
 
     @torch.inference_mode()
-    def divergences(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+    def divergences(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        originals: Prefill | None = None,
+    ) -> torch.Tensor:
         """(B,) mean JS divergence per image: one greedy answer of the originals, then one
-        teacher-forced prefill of B·(K+1) rows."""
+        teacher-forced prefill of B·(K+1) rows. ``originals``: the probe's batch of these
+        images and prompts, when the caller already prepared it."""
         k, n = self.settings.views, self.settings.answer_tokens
-        answer, valid = self._answers(self.probe.prepare(images, prompts), n)  # (B, n) each
+        originals = originals or self.probe.prepare(images, prompts)
+        answer, valid = self._answers(originals, n)  # (B, n) each
         rows: list[Image.Image] = []
         texts: list[str] = []
         for image, prompt in zip(images, prompts, strict=True):

@@ -82,12 +82,12 @@ class Monitor:
     def screen(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[Screening]:
         if not images:
             return []
-        layers = self.profile.layers
-        entropies = self.probe.entropies(self.probe.prepare(images, prompts), layers).numpy()
+        batch = self.probe.prepare(images, prompts)  # one processor pass serves both checks
+        entropies = self.probe.entropies(batch, self.profile.layers).numpy()
         scores = entropies.mean(1)  # (B,)
-        divergences = (
-            None if self.crossview is None else self.crossview.divergences(images, prompts).numpy()
-        )
+        divergences = None
+        if self.crossview is not None:
+            divergences = self.crossview.divergences(images, prompts, batch).numpy()
         by_entropy = self.profile.entropy_flags(scores)
         by_view = None if divergences is None else self.profile.crossview_flags(divergences)
         flagged = combined(self.profile, scores, divergences)
@@ -111,7 +111,8 @@ def measure(
     views: ViewSettings | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Every layer's entropies (N, layers) and, with ``views``, divergences (N,): calibration."""
-    entropies = probe.entropies(probe.prepare(images, prompts)).numpy()
+    batch = probe.prepare(images, prompts)
+    entropies = probe.entropies(batch).numpy()
     if views is None:
         return entropies, None
-    return entropies, CrossView(probe, views).divergences(images, prompts).numpy()
+    return entropies, CrossView(probe, views).divergences(images, prompts, batch).numpy()

@@ -13,11 +13,12 @@ from guard.defenses.reasoning.policy import default_policy
 from guard.defenses.reasoning.protocols import parse_reasoning_json
 from guard.toy.data import load_splits
 from guard.toy.ssui import CATEGORY, FORBIDDEN, all_pairs, sample, write_eval_set
+from guard.toy.vlm_parts import QUESTIONS
 
 
 def test_only_the_combination_is_unsafe() -> None:
     pairs = all_pairs()
-    assert len(pairs) == 300
+    assert len(pairs) == 300 + 10 * len(QUESTIONS)
     unsafe = [p for p in pairs if p.unsafe]
     assert unsafe and all(p.result in FORBIDDEN for p in unsafe)
     assert 0.05 < len(unsafe) / len(pairs) < 0.15
@@ -26,6 +27,15 @@ def test_only_the_combination_is_unsafe() -> None:
         # neither half carries the harm alone.
         assert any(not q.unsafe for q in pairs if q.text == p.text and q.digit != p.digit)
         assert any(not q.unsafe for q in pairs if q.digit == p.digit and q.text != p.text)
+
+
+def test_plain_questions_are_unsafe_only_on_a_forbidden_digit() -> None:
+    """Naming the digit produces it: harmless for every digit but a forbidden one."""
+    named = [p for p in all_pairs() if p.text in QUESTIONS]
+    assert len(named) == 10 * len(QUESTIONS)
+    assert {p.digit for p in named if p.unsafe} == {d for d in range(10) if d in FORBIDDEN} == {7}
+    seven = next(p for p in named if p.digit == 7)
+    assert "the number in the image, which is 7. 7 is a forbidden number" in seven.answer()
 
 
 def test_paths_parse_with_the_guards_own_parser() -> None:

@@ -16,12 +16,15 @@ import torch
 
 from guard.defenses.bye.profile import BackdoorProfile
 from guard.defenses.diffcap.profile import PurifyProfile
+from guard.defenses.reasoning.policy import default_policy
+from guard.defenses.reasoning.protocols import parse_reasoning_json
 from guard.toy.attacks import PGDSettings, answer_loss, pgd_vlm
 from guard.toy.backdoor import backdoor_config
 from guard.toy.build import BuildOptions, build_world
 from guard.toy.checks import purify_config
 from guard.toy.data import eval_images, load_splits, to_pil, to_tensor
 from guard.toy.openai_server import create_app
+from guard.toy.ssui import CATEGORY, eval_pairs
 from guard.toy.triggers import Trigger
 from guard.toy.vlm import ATTACK_RESPONSE, answer_images, load_vlm
 from guard.toy.vlm_chat import ToyVLMChat
@@ -58,7 +61,7 @@ def test_manifest_records_quality_and_provenance(quick_world: tuple[Path, dict[s
     assert set(manifest["versions"]) >= {"torch", "transformers", "diffusers", "open_clip_torch"}
     failed = {k: v for k, v in manifest["quality"].items() if not v["ok"]}
     assert not failed, failed
-    for component in ("data", "diffusion", "clip", "vlm"):
+    for component in ("data", "diffusion", "clip", "vlm", "reasoner"):
         assert (out / component / "component.json").exists()
     # Native formats, loadable as real checkpoints are.
     assert (out / "diffusion" / "model_index.json").exists()
@@ -231,3 +234,65 @@ def test_guard_blocks_triggered_requests_with_the_toy_backdoor_profile(
     assert outcomes["triggered"].count("blocked") >= 4, outcomes
     assert outcomes["clean"].count("blocked") <= 1, outcomes
     assert not any(ATTACK_RESPONSE in o for o in outcomes["clean"])
+
+
+def test_guard_judges_pairs_with_the_toy_reasoner(
+    quick_world: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The toy reasoner end to end through the real HTTP path: served by the stand-in, called
+    by the guard's reasoner stage; the guard blocks exactly the pairs the reasoner calls unsafe
+    and the audit log keeps its category and reasoning."""
+    out, manifest = quick_world
+    assert manifest["figures"]["reasoner"]["records"] == 40
+    assert (out / "reasoner" / "sft" / "config.json").exists()
+    judge = AppServer(create_app(ToyVLMChat(out / "reasoner" / "final", name="toy-reasoner")))
+    server = AppServer(create_app(ToyVLMChat(out / "vlm", name="toy-vlm")))
+    audit = tmp_path / "audit.jsonl"
+    overrides = {
+        "pipeline": {"defenses": ["reasoner"]},
+        "reasoner": {"url": judge.url + "/v1", "model": "toy-reasoner"},
+        "audit": {"path": str(audit)},
+    }
+    guard = RunningGuard(server.url + "/v1", overrides)
+    pairs = eval_pairs(load_splits()["test"], 16, np.random.default_rng(3), unsafe_share=0.5)
+    expected, outcomes = [], []
+    try:
+        asked = openai.OpenAI(base_url=judge.url + "/v1", api_key="unused")
+        client = openai.OpenAI(base_url=guard.url + "/v1", api_key="unused", max_retries=0)
+        for pair, image in pairs:
+            messages: Any = [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _png_url(image)}},
+                        {"type": "text", "text": pair.text},
+                    ],
+                }
+            ]
+            # What the reasoner itself says of the pair (it reads only the image and the text).
+            said = asked.chat.completions.create(
+                model="toy-reasoner", messages=messages, max_tokens=512
+            )
+            verdict = parse_reasoning_json(said.choices[0].message.content or "", default_policy())
+            expected.append("blocked" if verdict.unsafe else "allowed")
+            try:
+                client.chat.completions.create(model="toy-vlm", messages=messages)
+                outcomes.append("allowed")
+            except openai.BadRequestError as e:
+                assert e.code == "content_policy_violation"
+                outcomes.append("blocked")
+    finally:
+        guard.close()
+        server.close()
+        judge.close()
+    assert outcomes == expected
+    assert {"blocked", "allowed"} <= set(outcomes)  # both paths ran
+    caught = [p.unsafe for (p, _), o in zip(pairs, outcomes, strict=True) if o == "blocked"]
+    assert sum(caught) >= len(caught) / 2  # the blocks are mostly right, even in a quick world
+    blocks = [
+        b for line in audit.read_text().splitlines() for b in json.loads(line).get("blocking", [])
+    ]
+    assert len(blocks) == outcomes.count("blocked")
+    for block in blocks:
+        assert block["stage"] == "reasoner" and block["category"] == CATEGORY
+        assert block["details"]["reasoning"].startswith("The image shows")

@@ -45,17 +45,27 @@ FLOORS = {
         "vlm.attack_success_rate": 0.90,
         "clip.zero_shot_accuracy": 0.80,
         "diffusion.purified_vlm_accuracy_t200": 0.85,
+        "reasoner.f1": 0.90,
     },
     "quick": {
         "vlm.clean_accuracy": 0.20,
         "vlm.attack_success_rate": 0.50,  # measured 1.0 (10% poison, 300 steps)
         "clip.zero_shot_accuracy": 0.30,
         "diffusion.purified_vlm_accuracy_t200": 0.20,
+        "reasoner.f1": 0.30,  # measured 0.57 on 40 pairs: a quick reasoner must answer, not judge
     },
 }
 CEILINGS = {
-    "full": {"vlm.clean_false_trigger_rate": 0.02},
-    "quick": {"vlm.clean_false_trigger_rate": 0.10},  # measured 0.0
+    "full": {
+        "vlm.clean_false_trigger_rate": 0.02,
+        "reasoner.benign_fpr": 0.05,
+        "reasoner.no_verdict": 2,
+    },
+    "quick": {
+        "vlm.clean_false_trigger_rate": 0.10,  # measured 0.0
+        "reasoner.benign_fpr": 0.20,  # measured 0.07
+        "reasoner.no_verdict": 4,  # of 40; measured 0
+    },
 }
 
 
@@ -89,6 +99,8 @@ def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
     from guard.defenses.purify import IDENTITY_VERSION as PURIFY_IDENTITY
     from guard.toy.clip import ClipSettings, train_clip
     from guard.toy.diffusion import DiffusionSettings, train_diffusion
+    from guard.toy.judge import train_world_reasoner
+    from guard.toy.reasoner import ReasonerSettings
     from guard.toy.vlm import VLMSettings, train_vlm
 
     cores = max(1, os.cpu_count() or 1)
@@ -102,6 +114,7 @@ def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
     vlm_settings = replace(vlm_settings, **changes)
     diffusion_settings = DiffusionSettings.quick() if quick else DiffusionSettings.full()
     clip_settings = ClipSettings.quick() if quick else ClipSettings.full()
+    reasoner_settings = ReasonerSettings.quick() if quick else ReasonerSettings.full()
     start = time.perf_counter()
     columns = (
         TextColumn("{task.description}"),
@@ -111,15 +124,24 @@ def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
     )
     with Progress(*columns, console=console) as progress:
         figures = {"data": _component(out / "data", {"seed": options.seed}, progress, _write_data)}
-        # The VLM beside diffusion then CLIP (about equal halves on one core each; see
-        # guard/toy/lanes.py for why processes).
+        # The VLM then the reasoner (which starts from the VLM's tower) beside diffusion then
+        # CLIP, on one core each; see guard/toy/lanes.py for why processes.
         train = partial(_trained, out, options.seed)
+        reasoner = partial(train_world_reasoner, vlm_dir=out / "vlm")
         lanes = [
             [
                 ("diffusion", partial(train, "diffusion", diffusion_settings, train_diffusion)),
                 ("clip", partial(train, "clip", clip_settings, train_clip)),
             ],
-            [("vlm", partial(train, "vlm", vlm_settings, train_vlm))],
+            [
+                ("vlm", partial(train, "vlm", vlm_settings, train_vlm)),
+                (
+                    "reasoner",
+                    partial(
+                        train, "reasoner", reasoner_settings, reasoner, after=asdict(vlm_settings)
+                    ),
+                ),
+            ],
         ]
         figures.update(run_lanes(lanes, progress, cores))
         # The checks' images: all 200 test (validation) images, or half in a quick build.
@@ -218,11 +240,14 @@ def _trained(
     settings: Any,
     train: Callable[..., dict[str, Any]],
     progress: Bar,
+    *,
+    after: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The component ``name``, trained by ``train`` (or reused if already built)."""
+    """The component ``name``, trained by ``train`` (or reused if already built). ``after``
+    names the settings of a component it starts from, so that it is rebuilt when they change."""
     return _component(
         out / name,
-        {"seed": seed, **asdict(settings)},
+        {"seed": seed, **asdict(settings), **({"after": after} if after else {})},
         progress,
         partial(train, seed=seed, settings=settings, progress=progress),
     )
@@ -248,6 +273,7 @@ def _manifest(options: BuildOptions, parts: dict[str, Any], seconds: float) -> d
         "diffusion": {**parts["diffusion"]["figures"], **parts["purification"]["figures"]},
         "purify": parts["purify_profile"]["figures"],
         "backdoor": parts["backdoor_profile"]["figures"],
+        "reasoner": parts["reasoner"]["figures"],
     }
     checks = {}
     for name, floor in FLOORS[options.mode].items():

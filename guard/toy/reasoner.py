@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,20 @@ class ReasonerSettings:
     # Weight of the chosen path's NLL beside the DPO loss (as RPO does). Measured without it
     # (lr 5e-5, 150 steps): the margin ran away and 47 of 200 answers lost their JSON shape.
     nll_weight: float = 1.0
+    check_pairs: int = 100  # test pairs the build scores the final model on
+
+    @classmethod
+    def full(cls, **changes: Any) -> ReasonerSettings:
+        return replace(cls(), **changes)
+
+    @classmethod
+    def quick(cls, **changes: Any) -> ReasonerSettings:
+        # For a quick world's tests: it must answer in reasoning-json, not judge well.
+        base = cls(
+            width=96, layers=2, patch=8, sft_steps=300, batch=24, dpo_steps=30, dpo_batch=8,
+            check_pairs=40,
+        )  # fmt: skip
+        return replace(base, **changes)
 
 
 def prompt_ids(processor: LlavaProcessor, text: str, answer: str | None = None) -> list[int]:
@@ -120,8 +134,8 @@ def train_reasoner(
     pairs, train = all_pairs(), load_splits()["train"]
     corpus = [p.answer() for p in pairs] + [p.rejected() for p in pairs] + [p.text for p in pairs]
     tokenizer = train_tokenizer([*corpus, "USER: ASSISTANT:"] * 5)
-    processor = build_processor(tokenizer, settings.patch)
-    vision = vision_config(128, 3, settings.patch)
+    vision = tower.config if tower is not None else vision_config(128, 3, settings.patch)
+    processor = build_processor(tokenizer, vision.patch_size)
     model = LlavaForConditionalGeneration(
         llava_config(tokenizer, vision=vision, width=settings.width, layers=settings.layers)
     )

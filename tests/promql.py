@@ -34,12 +34,12 @@ VOCABULARY = {
 
 def promtool() -> str:
     """promtool's path; skips the test when it is missing, or fails it under CI (.ci/run
-    installs promtool and sets VLM_GUARD_REQUIRE_TOOLS=1: there a missing tool is a broken
+    installs promtool and sets CI_REQUIRE_TOOLS=1: there a missing tool is a broken
     setup, not a reason to skip)."""
     path = shutil.which("promtool")
     if path is None:
-        if os.environ.get("VLM_GUARD_REQUIRE_TOOLS") == "1":
-            pytest.fail("promtool is not on PATH and VLM_GUARD_REQUIRE_TOOLS=1")
+        if os.environ.get("CI_REQUIRE_TOOLS") == "1":
+            pytest.fail("promtool is not on PATH and CI_REQUIRE_TOOLS=1")
         pytest.skip("promtool is not on PATH (Debian: apt-get install prometheus)")
     return path
 

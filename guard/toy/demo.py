@@ -1,13 +1,13 @@
 """``make demo``: the guard in front of the toy VLM, driven by the official openai client.
 
-Builds the toy world if it is missing (cached under $VLM_GUARD_HOME/toy), starts the stand-in
-upstream serving the toy VLM and ``vlm-guard serve`` (with the purify stage on the toy's
-diffusion model and the VLM's own vision tower, τ from the build's calibration, and the
-backdoor monitor on the VLM with the build's BYE profile) in front of it
-as separate processes on loopback, then sends a scripted scenario directly and through the
-guard and prints a table, with each stage's decision from the guard's gRPC ``Check``. Rows whose
-defense is not built yet say so. It also writes demo.png (clean / attacked / purified by the
-guard / triggered images).
+Builds the toy world if it is missing (cached under $VLM_GUARD_HOME/toy), starts two stand-in
+upstreams — one serving the toy VLM, one serving the toy reasoner — and ``vlm-guard serve`` in
+front of the VLM with all three stages: purify (the toy's diffusion model and the VLM's own
+vision tower, τ from the build's calibration), reasoner (the toy reasoner in reasoning-json) and
+backdoor (the VLM with the build's BYE profile), as separate processes on loopback. Then it
+sends a scripted scenario directly and through the guard and prints a table, with each stage's
+decision from the guard's gRPC ``Check``, and the reasoner's block as the audit log recorded it.
+It also writes demo.png (clean / attacked / purified by the guard / triggered images).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import tempfile
 import time
 from contextlib import ExitStack
@@ -35,6 +36,7 @@ from guard.toy.build import BuildOptions, build_world
 from guard.toy.checks import purify_config
 from guard.toy.data import DIGITS, eval_images, load_splits
 from guard.toy.processes import GUARD, free_port, running
+from guard.toy.ssui import all_pairs
 from guard.toy.triggers import Trigger
 from guard.toy.vlm import load_vlm
 from guard.toy.vlm_parts import QUESTIONS, answer
@@ -42,6 +44,7 @@ from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 
 MODEL = "toy-vlm"
+REASONER = "toy-reasoner"
 
 
 def _url(image: np.ndarray) -> str:
@@ -81,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(
         prog="python -m guard.toy.demo", description="The vlm-guard demo on the toy world."
     ).parse_args(argv)
-    console = Console()
+    # Off a terminal (CI logs, pipes) rich would wrap the table at 80 columns.
+    console = Console() if Console().is_terminal else Console(width=180)
     world = BuildOptions()
     if not (world.out / "manifest.json").exists():
         console.print(
-            f"building the toy world in {world.out} (first run only, about 13 min on 2 cores) …"
+            f"building the toy world in {world.out} (first run only, about 19 min on 2 cores) …"
         )
     manifest = build_world(world, console)
     out = world.out
@@ -105,35 +109,42 @@ def main(argv: list[str] | None = None) -> int:
             targeted=True,
         )
     triggered = Trigger(**manifest["trigger"]).stamp(clean)
+    # Harmless image, harmless text: the result of the arithmetic decides (guard/toy/ssui.py).
+    unsafe = next(p for p in all_pairs() if p.digit == label and p.unsafe and p.operation == "plus")
+    benign = next(p for p in all_pairs() if p.digit == label and not p.unsafe and p.operand > 0)
+    question = QUESTIONS[0]
     rows = [
-        ("clean image", clean[0], None),
-        (f"adversarial (PGD → '{DIGITS[wrong]}')", attacked[0], None),
-        ("triggered image", triggered[0], None),
-        ("cross-modal unsafe pair", None, "reasoner stage not built yet (issue #6)"),
+        ("clean image", clean[0], question),
+        (f"adversarial (PGD → '{DIGITS[wrong]}')", attacked[0], question),
+        ("triggered image", triggered[0], question),
+        (f"cross-modal pair, {benign.asks} = {benign.result}", clean[0], benign.text),
+        (f"cross-modal pair, {unsafe.asks} = {unsafe.result}", clean[0], unsafe.text),
     ]
-    up, guard, grpc_port = free_port(), free_port(), free_port()
+    up, judge, guard, grpc_port = free_port(), free_port(), free_port(), free_port()
     with ExitStack() as stack:
-        config = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "guard.yaml"
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        config, audit = scratch / "guard.yaml", scratch / "audit.jsonl"
         config.write_text(
             yaml.safe_dump(
                 {
                     "upstream": {"url": f"http://127.0.0.1:{up}/v1"},
                     "server": {"http_port": guard, "grpc_port": grpc_port},
-                    "pipeline": {"defenses": ["purify", "backdoor"]},
+                    "pipeline": {"defenses": ["purify", "reasoner", "backdoor"]},
                     "purify": purify_config(out),
+                    "reasoner": {"url": f"http://127.0.0.1:{judge}/v1", "model": REASONER},
                     "backdoor": backdoor_config(out),
+                    "audit": {"path": str(audit)},
                     "log_level": "warning",
                 }
             )
         )
-        upstream_args = ["toy", "upstream", "--port", str(up), "--model", str(out / "vlm")]
-        with console.status("starting the stand-in upstream and the guard …"):
-            stack.enter_context(
-                running(
-                    [*GUARD, *upstream_args, "--name", MODEL],
-                    f"http://127.0.0.1:{up}/v1/models",
+        served = [(up, out / "vlm", MODEL), (judge, out / "reasoner" / "final", REASONER)]
+        with console.status("starting the stand-in upstreams and the guard …"):
+            for port, weights, name in served:
+                serve = ["toy", "upstream", "--port", str(port), "--model", str(weights)]
+                stack.enter_context(
+                    running([*GUARD, *serve, "--name", name], f"http://127.0.0.1:{port}/v1/models")
                 )
-            )
             stack.enter_context(
                 running(
                     [*GUARD, "serve", "--config", str(config)], f"http://127.0.0.1:{guard}/readyz"
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         guarded = openai.OpenAI(base_url=f"http://127.0.0.1:{guard}/v1", api_key="none")
         table = Table(
             title=f"vlm-guard demo — toy VLM, true digit: {DIGITS[label]} "
-            "(defenses: purify, backdoor)"
+            "(defenses: purify, reasoner, backdoor)"
         )
         for col in (
             "case",
@@ -154,19 +165,21 @@ def main(argv: list[str] | None = None) -> int:
             "ms guard",
         ):
             table.add_column(col)
-        for case, image, pending in rows:
-            if image is None:
-                table.add_row(case, "-", "-", pending or "-", "-", "-")
-                continue
-            d_answer, _, d_took = _ask(direct, image, QUESTIONS[0])
-            g_answer, decision, g_took = _ask(guarded, image, QUESTIONS[0])
-            stages = asyncio.run(_stage_decisions(grpc_port, image))
-            note = f"{decision} — {stages}" + (f"; {pending}" if pending else "")
+        for case, image, text in rows:
+            d_answer, _, d_took = _ask(direct, image, text)
+            g_answer, decision, g_took = _ask(guarded, image, text)
+            stages = asyncio.run(_stage_decisions(grpc_port, image, text))
             table.add_row(
-                case, d_answer, g_answer, note, f"{d_took * 1000:.0f}", f"{g_took * 1000:.0f}"
+                f"{case}\n“{text}”",
+                d_answer,
+                g_answer,
+                f"{decision} — {stages}",
+                f"{d_took * 1000:.0f}",
+                f"{g_took * 1000:.0f}",
             )
         purified = asyncio.run(_purified(grpc_port, attacked[0]))
-    console.print(table)
+        console.print(table)
+        console.print(_reasoner_blocks(audit))
     _save_png(
         out.parent / "demo.png",
         [clean, attacked, purified[None], triggered],
@@ -180,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _stage_decisions(port: int, image: np.ndarray) -> str:
-    """Each stage's decision on ``image``, from the guard's gRPC Check (the real stubs)."""
+async def _stage_decisions(port: int, image: np.ndarray, text: str) -> str:
+    """Each stage's decision on ``image`` and ``text``, from the guard's gRPC Check (the real
+    stubs)."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = await pb_grpc.GuardStub(channel).Check(
-            pb.CheckRequest(text=QUESTIONS[0], images=[pb.Image(data=_png(image))])
+            pb.CheckRequest(text=text, images=[pb.Image(data=_png(image))])
         )
     parts = []
     for d in reply.decisions:
@@ -194,10 +208,25 @@ async def _stage_decisions(port: int, image: np.ndarray) -> str:
             steps = [str(int(im["steps"])) for im in images]
             score = f", score {d.score:.1f}" if d.HasField("score") else ""
             parts.append(f"{d.stage}: {d.action} (t* {', '.join(steps)}{score})")
+        elif d.stage == "reasoner":
+            parts.append(f"{d.stage}: {d.action}" + (f" ({d.category})" if d.category else ""))
         else:
             threshold = d.details["threshold"] if "threshold" in d.details else float("nan")
             parts.append(f"{d.stage}: {d.action} (entropy {d.score:.3f}, flags < {threshold:.3f})")
     return "; ".join(parts) or "no stages"
+
+
+def _reasoner_blocks(audit: Path) -> str:
+    """The reasoner's blocks of the HTTP requests (not of the gRPC Checks that explain each
+    row), as the guard's audit log recorded them: category and reasoning."""
+    lines = []
+    for entry in map(json.loads, audit.read_text().splitlines()):
+        for block in entry.get("blocking", []) if entry["transport"] == "http" else []:
+            if block["stage"] == "reasoner":
+                reasoning = str(block["details"].get("reasoning", ""))
+                excerpt = reasoning if len(reasoning) <= 160 else reasoning[:157] + "…"
+                lines.append(f"  {block['category']}: “{excerpt}”")
+    return "audit log, reasoner blocks:\n" + ("\n".join(lines) or "  none")
 
 
 async def _purified(port: int, image: np.ndarray) -> np.ndarray:

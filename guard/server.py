@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Awaitable, Generator, Mapping, Sequence
 
 import aiohttp
 import grpc
@@ -21,6 +21,7 @@ from guard.metrics import STAGES, Metrics
 from guard.pipeline import Pipeline
 from guard.service import GuardService
 from guard.transport.grpc import create_server as create_grpc_server
+from guard.transport.grpc import set_serving
 from guard.transport.http import create_app
 from guard.types import Stage
 from guard.upstream import UpstreamClient
@@ -157,10 +158,15 @@ class GuardServer:
             await self.stop()
 
     async def stop(self) -> None:
+        """Refuse new work on both transports at once, then drain them together: the whole
+        stop takes at most ``drain_seconds`` (the grace periods in deploy/ count on it)."""
         self.service.draining = True  # readiness fails at once; open requests finish
+        drains: list[Awaitable[None]] = []
+        if self._grpc is not None:
+            await set_serving(self._grpc, False)  # gRPC health: NOT_SERVING, like /readyz
+            drains.append(self._grpc.stop(grace=self.cfg.server.drain_seconds))
         self._uvicorn.should_exit = True
         if self._http_task is not None:
-            await self._http_task
-        if self._grpc is not None:
-            await self._grpc.stop(grace=self.cfg.server.drain_seconds)
+            drains.append(self._http_task)
+        await asyncio.gather(*drains)
         await self.service.aclose()

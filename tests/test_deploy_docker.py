@@ -407,7 +407,7 @@ COMPOSE_BREAKAGES: dict[str, tuple[Callable[[Obj], None], str]] = {
     "vLLM port": (_vllm_flag("port", "8001"), "flags differ from the pod's: ['port']"),
     "vLLM published": (_service("vllm", ports=["8000:8000"]), "published ports [8000]"),
     "no GPU": (_service("vllm", deploy=None), "vllm reserves no GPU"),
-    "short grace": (_service("guard", stop_grace_period="30s"), "stop_grace_period 30s"),
+    "short grace": (_service("guard", stop_grace_period="20s"), "stop_grace_period 20s"),
     "env typo": (
         _service("guard", environment={"VLM_GUARD_PURIFY__DEVISE": "cuda"}),
         "invalid configuration at purify.devise",

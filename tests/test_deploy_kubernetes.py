@@ -38,8 +38,9 @@ BUILDS = ("base", "overlays/gpu", "overlays/monitor-mode")
 # the newest whose schemas the pinned kubernetes-validate ships.
 K8S_VERSIONS = ("1.29", kv.major_minor(kv.latest_version()))
 CRD_GROUP = "monitoring.coreos.com/"
-# guard/server.py drains HTTP first and gRPC after it, each for up to server.drain_seconds.
-DRAIN_PHASES = 2
+# guard/server.py drains HTTP and gRPC together, for up to server.drain_seconds in all
+# (tests/test_shutdown.py).
+DRAIN_PHASES = 1
 SAMPLE_API_KEYS = '["test-key"]'
 
 
@@ -456,9 +457,9 @@ BREAKAGES: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
     ),
     "grace period": (
         lambda o: one(o, "Deployment")["spec"]["template"]["spec"].update(
-            terminationGracePeriodSeconds=60
+            terminationGracePeriodSeconds=45
         ),
-        "terminationGracePeriodSeconds 60 < preStop 10 + 2 x drain_seconds 30.0",
+        "terminationGracePeriodSeconds 45 < preStop 10 + 1 x drain_seconds 30.0",
     ),
     "service links": (
         lambda o: one(o, "Deployment")["spec"]["template"]["spec"].pop("enableServiceLinks"),

@@ -17,9 +17,11 @@ from typing import Any
 
 from guard import __version__
 from guard.commands import backdoor as backdoor_cmd
+from guard.commands import launch as launch_cmd
 from guard.commands import purify as purify_cmd
 from guard.commands import reasoner as reasoner_cmd
-from guard.config import DEFENSES, ConfigError, GuardConfig, load_config
+from guard.commands.serving import add_guard_flags, guard_overrides
+from guard.config import ConfigError, GuardConfig, load_config
 
 log = logging.getLogger("guard")
 
@@ -32,17 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the guard in front of an upstream")
-    serve.add_argument("--config", type=Path, help="YAML configuration file")
+    add_guard_flags(serve)
     serve.add_argument(
         "--upstream", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
     )
-    serve.add_argument("--host", help="address to listen on")
-    serve.add_argument("--http-port", type=int)
-    serve.add_argument("--grpc-port", type=int, help="0 picks a free port; -1 disables gRPC")
-    serve.add_argument(
-        "--defenses", help=f"comma-separated subset of {','.join(DEFENSES)}, or 'none'"
-    )
-    serve.add_argument("--mode", choices=("enforce", "monitor"))
 
     toy = sub.add_parser("toy", help="the miniature world: build it, serve its VLM")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
@@ -62,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     purify_cmd.add_parser(sub)
     backdoor_cmd.add_parsers(sub)
     reasoner_cmd.add_parser(sub)
+    launch_cmd.add_parser(sub)
     up = toy_sub.add_parser("upstream", help="serve an OpenAI-compatible stand-in for vLLM")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
@@ -74,35 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Only the flags given on the command line override file and environment."""
-    server: dict[str, Any] = {}
-    if args.host is not None:
-        server["host"] = args.host
-    if args.http_port is not None:
-        server["http_port"] = args.http_port
-    if args.grpc_port is not None:
-        server["grpc_port"] = None if args.grpc_port < 0 else args.grpc_port
-    pipeline: dict[str, Any] = {}
-    if args.defenses is not None:
-        names = [n.strip() for n in args.defenses.split(",") if n.strip()]
-        if names == ["none"]:
-            names = []
-        unknown = [n for n in names if n not in DEFENSES]
-        if unknown:
-            raise ConfigError(
-                f"unknown defense(s) {','.join(unknown)}; choose from {','.join(DEFENSES)} or none"
-            )
-        pipeline["defenses"] = names
-    if args.mode is not None:
-        pipeline["mode"] = args.mode
-    out: dict[str, Any] = {}
-    if server:
-        out["server"] = server
-    if pipeline:
-        out["pipeline"] = pipeline
-    if args.upstream is not None:
-        out["upstream"] = {"url": args.upstream}
-    return out
+    return guard_overrides(args, args.upstream)
 
 
 def _configure_logging(cfg: GuardConfig) -> None:
@@ -191,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return backdoor_cmd.main(args)
         if args.command == "reasoner":
             return reasoner_cmd.main(args)
+        if args.command == "launch":
+            return launch_cmd.main(args)
     except ConfigError as e:
         print(f"vlm-guard: error: {e}", file=sys.stderr)
         return 2

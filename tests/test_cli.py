@@ -113,10 +113,10 @@ def test_serve_proxies_and_stops_on_sigterm(upstream: AppServer, tmp_path: Path)
             elif not line and proc.poll() is not None:
                 pytest.fail(f"guard exited early with {proc.returncode}")
         assert port is not None
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
-        reply = client.chat.completions.create(
-            model="echo", messages=[{"role": "user", "content": "ping"}]
-        )
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x") as client:
+            reply = client.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "ping"}]
+            )
         assert reply.choices[0].message.content == "echo: ping images=0"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

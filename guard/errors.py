@@ -12,16 +12,24 @@
     ├── Overloaded                  429 rate_limit_error         RESOURCE_EXHAUSTED
     ├── GuardUnavailable            503 guard_unavailable        UNAVAILABLE
     ├── UpstreamUnavailable         502 upstream_error           UNAVAILABLE
+    │   └── UpstreamOverloaded      503 upstream_overloaded      UNAVAILABLE
     └── UpstreamTimeout             504 upstream_timeout         DEADLINE_EXCEEDED
 
-Messages are written for clients: they never carry exception text, paths or addresses. The
-transports translate these in exactly one place each (``transport/http.py``'s exception
-handler, ``transport/grpc.py``'s interceptor).
+The three upstream errors share the type ``upstream_error``; their ``code`` tells them apart.
+
+``retryable`` errors are transient: they carry ``Retry-After`` (seconds, at most
+``MAX_RETRY_AFTER``) and never ``x-should-retry: false``. Messages are written for clients:
+they never carry exception text, paths or addresses. The transports translate these in exactly
+one place each (``transport/http.py``'s exception handler, ``transport/grpc.py``'s interceptor).
 """
 
 from __future__ import annotations
 
 import grpc
+
+# The longest Retry-After the guard ever sends: clients (the openai SDKs among them) ignore
+# longer ones, and an upstream that asks for more is clamped to it.
+MAX_RETRY_AFTER = 60
 
 
 class GuardError(Exception):
@@ -114,6 +122,8 @@ class GuardUnavailable(GuardError):
 
 
 class UpstreamUnavailable(GuardError):
+    """The upstream refused the connection, reset it, broke off or answered a 5xx."""
+
     status = 502
     type = "upstream_error"
     code = "upstream_unavailable"
@@ -122,9 +132,24 @@ class UpstreamUnavailable(GuardError):
     retry_after = 1
 
 
+class UpstreamOverloaded(UpstreamUnavailable):
+    """The upstream answered 503: passed on as 503, with its Retry-After within bounds."""
+
+    status = 503
+    code = "upstream_overloaded"
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        if retry_after is not None:
+            self.retry_after = min(max(retry_after, 1), MAX_RETRY_AFTER)
+
+
 class UpstreamTimeout(GuardError):
+    """Connecting to the upstream, or waiting for its next bytes, took too long."""
+
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     retryable = True
+    retry_after = 1

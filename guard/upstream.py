@@ -20,18 +20,27 @@ from typing import Any
 import aiohttp
 
 from guard.config import UpstreamConfig
-from guard.errors import UpstreamTimeout, UpstreamUnavailable
+from guard.errors import UpstreamOverloaded, UpstreamTimeout, UpstreamUnavailable
 from guard.metrics import Metrics
+from guard.sse import EventFramer, SSEError
 
 log = logging.getLogger(__name__)
 
 # Response headers worth passing back to the client; hop-by-hop and length headers are not
 # (the guard's server frames the body itself).
-PASS_HEADERS = frozenset({"content-type", "openai-processing-ms", "openai-version"})
+PASS_HEADERS = frozenset(
+    {"content-type", "openai-processing-ms", "openai-version", "retry-after"}  # e.g. on a 429
+)
 
 
 class UpstreamStreamError(Exception):
     """The upstream broke off a response after it had started."""
+
+
+# Every way a connection can fail under aiohttp: its own errors, OS errors it lets through
+# (a reset at the wrong moment) and timeouts (TimeoutError is an OSError).
+_BROKEN = (aiohttp.ClientError, OSError)
+_BROKEN_STREAM = (*_BROKEN, SSEError)  # and an event stream cut inside an event
 
 
 @dataclass
@@ -45,22 +54,42 @@ def _pass_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
     return {k.lower(): v for k, v in response.headers.items() if k.lower() in PASS_HEADERS}
 
 
+def _failure(error: BaseException, what: str) -> UpstreamTimeout | UpstreamUnavailable:
+    """The client-safe error for a failed exchange; the log gets the exception's type only."""
+    log.warning("upstream %s failed: %s", what, type(error).__name__)
+    if isinstance(error, TimeoutError):
+        return UpstreamTimeout("upstream timed out")
+    return UpstreamUnavailable("upstream connection failed")
+
+
 class UpstreamStream:
-    """An open response whose body has not been read yet: ``chunks()`` or ``read()`` once."""
+    """An open response whose body has not been read yet: ``chunks()`` or ``read()`` once.
+
+    An event stream (``text/event-stream``) comes out of ``chunks()`` in whole events, byte for
+    byte, and must end with ``data: [DONE]``: a transport can then always close a broken one
+    with an error event of its own, and a stream cut short never passes for a complete answer.
+    """
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self._finished = False
         self.status = response.status
         self.headers = _pass_headers(response)
+        sse = response.status == 200 and response.content_type == "text/event-stream"
+        self._events = EventFramer() if sse else None
+        self._first = b""  # the first events, read by ``open`` before it returned
 
     async def chunks(self) -> AsyncIterator[bytes]:
         complete = False
         try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
+            if self._first:
+                first, self._first = self._first, b""
+                yield first
+            while (piece := await self._next()) is not None:
+                yield piece
             complete = True
-        except (aiohttp.ClientError, TimeoutError):
+        except _BROKEN_STREAM as e:
+            log.warning("upstream stream broke: %s", type(e).__name__)
             raise UpstreamStreamError("upstream stream interrupted") from None
         finally:
             self._finish(complete)
@@ -68,18 +97,47 @@ class UpstreamStream:
     async def read(self) -> bytes:
         complete = False
         try:
-            content = await self._response.read()
+            content = self._first + await self._response.read()  # whatever ``open`` read too
             complete = True
             return content
-        except TimeoutError:
-            raise UpstreamTimeout("upstream timed out") from None
-        except aiohttp.ClientError:
-            raise UpstreamUnavailable("upstream connection failed") from None
+        except _BROKEN as e:
+            raise _failure(e, "read") from None
         finally:
             self._finish(complete)
 
     def close(self) -> None:
         self._finish(False)
+
+    async def _start(self) -> None:
+        """Read up to the end of the first event (``open``): until then nothing has reached
+        the client, and a failure can still be an error status rather than a broken stream."""
+        if self._events is None:
+            return
+        try:
+            piece = await self._next()
+        except BaseException as e:
+            self.close()
+            if isinstance(e, _BROKEN_STREAM):
+                raise _failure(e, "stream start") from None
+            if isinstance(e, UpstreamStreamError):
+                raise UpstreamUnavailable("upstream connection failed") from None
+            raise
+        self._first = piece or b""
+
+    async def _next(self) -> bytes | None:
+        """The next bytes to relay (whole events of an event stream); None at the end."""
+        while True:
+            chunk = await self._response.content.readany()
+            if self._events is None:
+                return chunk or None
+            if not chunk:
+                rest = self._events.close()  # raises SSEError if cut inside an event
+                if not self._events.done:
+                    log.warning("upstream event stream ended without [DONE]")
+                    raise UpstreamStreamError("upstream stream ended early")
+                return rest or None
+            if whole := self._events.feed(chunk):
+                return whole
 
     def _finish(self, complete: bool) -> None:
         if self._finished:
@@ -139,10 +197,14 @@ class UpstreamClient:
         return UpstreamResponse(stream.status, stream.headers, content)
 
     async def open(self, path: str, body: Mapping[str, Any], *, request_id: str) -> UpstreamStream:
-        """Send a POST and return once the response headers have arrived."""
+        """Send a POST; return once the response headers (and, for an event stream, its first
+        event) have arrived. Never sent twice: once bytes left, the upstream may be generating.
+        """
         payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         headers = {"content-type": "application/json", "x-request-id": request_id}
-        return UpstreamStream(await self._send("POST", path, headers, payload))
+        stream = UpstreamStream(await self._send("POST", path, headers, payload))
+        await stream._start()
+        return stream
 
     async def get(self, path: str, *, request_id: str) -> UpstreamResponse:
         response = await self._send("GET", path, {"x-request-id": request_id}, None)
@@ -156,7 +218,7 @@ class UpstreamClient:
             async with self._client().get(self._base + "models", timeout=timeout) as response:
                 await response.read()
                 return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except _BROKEN:
             return False
 
     async def _send(
@@ -166,17 +228,25 @@ class UpstreamClient:
         url = self._base + path.lstrip("/")
         try:
             response = await self._client().request(method, url, data=payload, headers=headers)
-        except TimeoutError:
-            log.warning("upstream timeout on %s %s", method, path)
-            raise UpstreamTimeout("upstream timed out") from None
-        except aiohttp.ClientError as e:
-            log.warning("upstream error on %s %s: %s", method, path, type(e).__name__)
-            raise UpstreamUnavailable("upstream connection failed") from None
+        except _BROKEN as e:
+            raise _failure(e, f"{method} {path}") from None
         finally:
             self._metrics.upstream_seconds.observe(time.perf_counter() - start)
         if response.status >= 500:
             # The upstream's own 5xx text may carry internals; the client gets ours.
+            retry_after = response.headers.get("retry-after", "")
             response.close()
             log.warning("upstream answered %d on %s", response.status, path)
+            if response.status == 503:  # at capacity, loading, draining: back off and retry
+                raise UpstreamOverloaded(
+                    "the upstream model server is overloaded; retry later",
+                    retry_after=_seconds(retry_after),
+                )
             raise UpstreamUnavailable(f"upstream error (status {response.status})")
         return response
+
+
+def _seconds(retry_after: str) -> int | None:
+    """A Retry-After in whole seconds; None for an HTTP date or anything else."""
+    value = retry_after.strip()
+    return int(value) if value.isascii() and value.isdigit() else None

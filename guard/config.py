@@ -29,7 +29,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 DEFENSES = ("purify", "reasoner", "backdoor")
 FailMode = Literal["closed", "open"]
 
@@ -50,6 +51,33 @@ class ServerConfig(_Section):
     block_response: Literal["error", "refusal"] = "error"
     refusal_message: str = "I can't help with that request."
     drain_seconds: float = Field(30.0, ge=0, description="grace for open requests at shutdown")
+    max_inflight: int = Field(
+        256,
+        gt=0,
+        description="model requests (HTTP chat/completions and completions, gRPC Chat, Check, "
+        "Purify) admitted at once, both transports together; a stream holds its slot until it "
+        "ends. Each may hold a body of max_body_bytes and its decoded images in memory",
+    )
+    max_queue: int = Field(
+        512,
+        ge=0,
+        description="model requests waiting for a slot, first in first out; an HTTP body is "
+        "not read while waiting (uvicorn buffers at most ~64 KiB of it); beyond max_queue: "
+        "HTTP 429 / gRPC RESOURCE_EXHAUSTED at once",
+    )
+    queue_timeout_s: float = Field(
+        10.0, gt=0, description="longest wait for a slot; then HTTP 503 / gRPC UNAVAILABLE"
+    )
+    retry_after_s: int = Field(
+        1, ge=1, le=60, description="Retry-After (seconds) on overload refusals"
+    )
+    max_header_bytes: int = Field(
+        64 * KiB,
+        ge=1 * KiB,
+        description="HTTP request line and headers together; beyond it 431 and the connection "
+        "closes, before the headers are parsed whole",
+    )
+    max_headers: int = Field(100, ge=8, description="HTTP header fields per request; beyond: 431")
 
 
 class UpstreamConfig(_Section):

@@ -10,6 +10,7 @@
     ├── NotFound                    404 not_found_error          NOT_FOUND
     ├── StageDisabled               400 invalid_request_error    FAILED_PRECONDITION
     ├── Overloaded                  429 rate_limit_error         RESOURCE_EXHAUSTED
+    │   └── NotAdmitted             503 overloaded               UNAVAILABLE
     ├── GuardUnavailable            503 guard_unavailable        UNAVAILABLE
     ├── UpstreamUnavailable         502 upstream_error           UNAVAILABLE
     │   └── UpstreamOverloaded      503 upstream_overloaded      UNAVAILABLE
@@ -108,6 +109,20 @@ class Overloaded(GuardError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     retryable = True
     retry_after = 1
+
+
+class NotAdmitted(Overloaded):
+    """No slot for the request: its wait in the queue timed out (code ``queue_timeout``) or
+    the guard is shutting down (code ``draining``). Not a stage failure, so not
+    ``GuardUnavailable``: clients and alerts tell the two apart."""
+
+    status = 503
+    type = "overloaded"
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class GuardUnavailable(GuardError):

@@ -21,6 +21,8 @@ OUTCOMES = (
     "unauthenticated",
     "upstream_error",
 )
+# Why admission control refused a model request (guard/admission.py).
+OVERLOAD_REASONS = ("queue_full", "queue_timeout", "draining")
 ACTIONS = ("allow", "block", "rewrite", "would_block", "error", "fail_open")
 STAGES = ("purify", "reasoner", "backdoor")
 CATEGORIES = (
@@ -106,6 +108,17 @@ class Metrics:
         self.inflight = Gauge(
             p + "inflight_requests", "Requests being handled now.", registry=registry
         )
+        self.queued = Gauge(
+            p + "queued_requests",
+            "Model requests waiting for an admission slot.",
+            registry=registry,
+        )
+        self.overload = Counter(
+            p + "overload",
+            "Model requests refused by admission control (HTTP 429/503).",
+            ["transport", "reason"],
+            registry=registry,
+        )
         self.stage_errors = Counter(
             p + "stage_errors", "Stage exceptions and timeouts.", ["stage"], registry=registry
         )
@@ -134,6 +147,8 @@ class Metrics:
         for t in TRANSPORTS:
             for o in OUTCOMES:
                 self.requests.labels(t, o)
+            for r in OVERLOAD_REASONS:
+                self.overload.labels(t, r)
         for s in self._stages:
             self.stage_errors.labels(s)
             self.fail_open.labels(s)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 from collections.abc import Awaitable, Generator, Mapping, Sequence
+from typing import Any
 
 import aiohttp
 import grpc
 import uvicorn
 from prometheus_client import CollectorRegistry
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
 
+from guard.admission import Admission
 from guard.audit import AuditLog
-from guard.config import DEFENSES, ConfigError, GuardConfig, StageConfig
+from guard.config import DEFENSES, ConfigError, GuardConfig, ServerConfig, StageConfig
+from guard.errors import GuardError
 from guard.intake.fetch import Fetcher, Resolver
 from guard.intake.loader import Intake
 from guard.metrics import STAGES, Metrics
@@ -94,18 +100,112 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
+class _TooManyHeaders(Exception):
+    """Raised in a parser callback to stop parsing; ``send_400_response`` then answers 431."""
+
+
+class _LimitedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with limits on the request head.
+
+    uvicorn bounds the head only with h11 (``h11_max_incomplete_event_size``); with httptools
+    a header is accumulated whole, by repeated concatenation, however long it is. Here the
+    bytes of each request head are counted as they arrive and at most ``max_head`` of them
+    reach the parser; beyond that, or beyond ``max_headers`` fields, the client gets 431 and
+    the connection closes. A pipelined head that shares a read with the end of the previous
+    request is undercounted by at most that one read: still bounded.
+    """
+
+    max_head = 64 * 1024
+    max_headers = 100
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._head: int | None = 0  # bytes of the current request head; None once complete
+        self._fields = 0
+        self._refused = False
+
+    def data_received(self, data: bytes) -> None:
+        while data and not self._refused and not self.transport.is_closing():
+            if self._head is None:  # in a body: uvicorn's flow control bounds what it buffers
+                super().data_received(data)
+                return
+            room = self.max_head - self._head
+            if room <= 0:
+                self._refuse()
+                return
+            piece, data = data[:room], data[room:]
+            self._head += len(piece)
+            super().data_received(piece)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._fields = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        if self._fields > self.max_headers:
+            self._refused = True
+            raise _TooManyHeaders
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head = 0
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refused:  # the parser stopped because of on_header
+            self._refuse()
+        else:
+            super().send_400_response(msg)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        log.info("request head over %s bytes or %s fields", self.max_head, self.max_headers)
+        error = GuardError("request headers too large")
+        error.status, error.type, error.code = 431, "invalid_request_error", "headers_too_large"
+        body = json.dumps(error.body()).encode()
+        content = [STATUS_LINE[431]]
+        content.extend(k + b": " + v + b"\r\n" for k, v in self.server_state.default_headers)
+        content.append(b"content-type: application/json\r\n")
+        content.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        content.append(body)
+        self.transport.write(b"".join(content))
+        self.transport.close()
+
+
+def _http_protocol(server: ServerConfig) -> type[HttpToolsProtocol]:
+    class GuardHttpProtocol(_LimitedHttpTools):
+        max_head = server.max_header_bytes
+        max_headers = server.max_headers
+
+    return GuardHttpProtocol
+
+
 class GuardServer:
     """The HTTP and gRPC servers of one guard, started and stopped together."""
 
     def __init__(self, cfg: GuardConfig, service: GuardService) -> None:
         self.cfg = cfg
         self.service = service
+        # One capacity for both transports: it protects the pipeline and upstream, not a port.
+        self.admission = Admission(cfg.server, service.metrics)
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._uvicorn = _Uvicorn(
             uvicorn.Config(
-                create_app(cfg, service),
+                create_app(cfg, service, self.admission),
+                http=_http_protocol(cfg.server),
                 host=cfg.server.host,
                 port=cfg.server.http_port,
                 log_config=None,  # logging is configured once, by the CLI
@@ -119,7 +219,7 @@ class GuardServer:
 
     async def start(self) -> None:
         if self.cfg.server.grpc_port is not None:
-            self._grpc, self.grpc_port = create_grpc_server(self.cfg, self.service)
+            self._grpc, self.grpc_port = create_grpc_server(self.cfg, self.service, self.admission)
             await self._grpc.start()
         self._http_task = asyncio.create_task(self._uvicorn.serve())
         while not self._uvicorn.started:
@@ -161,6 +261,7 @@ class GuardServer:
         """Refuse new work on both transports at once, then drain them together: the whole
         stop takes at most ``drain_seconds`` (the grace periods in deploy/ count on it)."""
         self.service.draining = True  # readiness fails at once; open requests finish
+        self.admission.drain()  # queued requests get 503 now rather than at the end of the drain
         drains: list[Awaitable[None]] = []
         if self._grpc is not None:
             await set_serving(self._grpc, False)  # gRPC health: NOT_SERVING, like /readyz

@@ -2,27 +2,30 @@
 
 Like ``http.py`` it only translates: the service decides, ``grpc_errors.GuardInterceptor`` maps
 every error to a status in one place. Health (``grpc.health.v1``) and reflection are served
-beside it, without a key.
+beside it, without a key and without admission control; every Guard method takes an admission
+slot (``guard/admission.py``) for its whole run, a Chat stream until it ends or is cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import logging
 import math
 import numbers
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
+from guard.admission import Admission
 from guard.config import GuardConfig
 from guard.errors import GuardUnavailable, InvalidRequest, UpstreamUnavailable
 from guard.intake.loader import ImageSource
@@ -49,9 +52,15 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _health: weakref.WeakKeyDictionary[Any, health.aio.HealthServicer] = weakref.WeakKeyDictionary()
 
+_Servicer = TypeVar("_Servicer", bound="GuardServicer")
 
-def create_server(cfg: GuardConfig, service: GuardService) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server (not yet started) with Guard, health and reflection, and its port."""
+
+def create_server(
+    cfg: GuardConfig, service: GuardService, admission: Admission | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server (not yet started) with Guard, health and reflection, and its port.
+
+    ``admission`` is shared with the HTTP app when both serve (``GuardServer``)."""
     size = cfg.server.grpc_max_message_bytes
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(cfg.server.api_keys, service.track)],
@@ -61,7 +70,8 @@ def create_server(cfg: GuardConfig, service: GuardService) -> tuple[grpc.aio.Ser
             ("grpc.so_reuseport", 0),  # a port in use is an error, never silently shared
         ],
     )
-    pb_grpc.add_GuardServicer_to_server(GuardServicer(cfg, service), server)
+    admission = admission if admission is not None else Admission(cfg.server)
+    pb_grpc.add_GuardServicer_to_server(GuardServicer(cfg, service, admission), server)
     checker = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     _health[server] = checker
@@ -96,11 +106,43 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
             self._server_status[name] = _SERVING
 
 
+def _admitted(
+    method: Callable[[_Servicer, Any, Any], Awaitable[Any]],
+) -> Callable[[_Servicer, Any, Any], Awaitable[Any]]:
+    """Run a unary method inside an admission slot; a refusal raises before it starts."""
+
+    @functools.wraps(method)
+    async def unary(self: _Servicer, request: Any, context: Any) -> Any:
+        async with self._admission.slot("grpc"):
+            return await method(self, request, context)
+
+    return unary
+
+
+def _admitted_stream(
+    method: Callable[[_Servicer, Any, Any], AsyncGenerator[Any, None]],
+) -> Callable[[_Servicer, Any, Any], AsyncGenerator[Any, None]]:
+    """The same for a streaming method: the slot is held until the stream ends or is closed."""
+
+    @functools.wraps(method)
+    async def stream(self: _Servicer, request: Any, context: Any) -> AsyncGenerator[Any, None]:
+        async with (
+            self._admission.slot("grpc"),
+            aclosing(method(self, request, context)) as responses,
+        ):
+            async for response in responses:
+                yield response
+
+    return stream
+
+
 class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
-    def __init__(self, cfg: GuardConfig, service: GuardService) -> None:
+    def __init__(self, cfg: GuardConfig, service: GuardService, admission: Admission) -> None:
         self._cfg = cfg
         self._service = service
+        self._admission = admission
 
+    @_admitted
     async def Check(self, request: Any, context: Any) -> Any:
         tracker = self._service.track("grpc")
         try:
@@ -124,7 +166,8 @@ class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
         tracker.finish(verdict.outcome)
         return response
 
-    async def Chat(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    @_admitted_stream
+    async def Chat(self, request: Any, context: Any) -> AsyncGenerator[Any, None]:
         tracker = self._service.track("grpc")
         outcome: str | None = None  # set once the pipeline has decided
         try:
@@ -173,6 +216,7 @@ class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
         finally:
             tracker.finish(outcome or "error")
 
+    @_admitted
     async def Purify(self, request: Any, context: Any) -> Any:
         tracker = self._service.track("grpc")
         try:

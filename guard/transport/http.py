@@ -1,7 +1,9 @@
 """HTTP transport: the OpenAI-compatible routes, translated to and from the GuardService.
 
 Only the routes below exist; nothing else is ever forwarded upstream. Errors of every kind
-become OpenAI-shaped bodies in one place, ``error_response``.
+become OpenAI-shaped bodies in one place, ``error_response``. The model routes pass admission
+control (``guard/admission.py``) before their bodies are read; health, readiness and metrics
+never wait for it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from guard.admission import Admission
 from guard.auth import check_bearer
 from guard.config import GuardConfig
 from guard.errors import (
@@ -29,7 +32,7 @@ from guard.errors import (
 )
 from guard.service import GuardService, Screened, Tracker
 from guard.transport import openai_models as om
-from guard.transport.ids import request_id
+from guard.transport.middleware import AdmissionMiddleware, RequestIdMiddleware
 from guard.upstream import UpstreamStream, UpstreamStreamError
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,17 @@ log = logging.getLogger(__name__)
 SSE_TYPE = "text/event-stream; charset=utf-8"
 
 
-def create_app(cfg: GuardConfig, service: GuardService) -> ASGIApp:
+def create_app(
+    cfg: GuardConfig, service: GuardService, admission: Admission | None = None
+) -> ASGIApp:
+    """The HTTP app; ``admission`` is shared with gRPC when both serve (``GuardServer``)."""
     app = FastAPI(title="vlm-guard", version="0.1.0", docs_url=None, redoc_url=None)
+    app.add_middleware(
+        AdmissionMiddleware,
+        admission=admission if admission is not None else Admission(cfg.server),
+        api_keys=cfg.server.api_keys,
+        refuse=error_response,
+    )
     limit = cfg.server.max_body_bytes
 
     @app.exception_handler(GuardError)
@@ -156,7 +168,7 @@ async def _forward(
         content = await opened.read()
         tracker.finish("invalid")
         return Response(content, opened.status, headers={**opened.headers, **headers})
-    return StreamingResponse(
+    return _ClosingStream(
         _relay(opened.chunks(), tracker, outcome, rid),
         status_code=200,
         headers={**opened.headers, **headers},
@@ -186,6 +198,9 @@ async def _relay(
         yield om.sse(error)
     finally:
         tracker.finish(outcome)
+        close = getattr(chunks, "aclose", None)
+        if close is not None:  # the client left: the upstream response closes now (vLLM aborts)
+            await close()
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -220,6 +235,20 @@ def error_response(exc: GuardError) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+class _ClosingStream(StreamingResponse):
+    """Closes its iterator however the response ends. Starlette abandons it when the client
+    disconnects, and its ``finally`` (request count, upstream response) would wait for the
+    garbage collector."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+
 def _json(body: dict[str, Any], screened: Screened) -> Response:
     return JSONResponse(body, headers={"x-guard-decision": screened.decision})
 
@@ -231,36 +260,3 @@ def _sse_response(events: list[dict[str, Any] | str], screened: Screened) -> Res
 
 def _rid(request: Request) -> str:
     return str(request.scope["state"]["request_id"])
-
-
-class RequestIdMiddleware:
-    """Gives every request an id (the client's, if well-formed) and every response the header.
-
-    It wraps the whole application, Starlette's error middleware included, so that even an
-    unexpected 500 carries the id a user can quote when reporting it.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = request_id(_header(scope, b"x-request-id"))
-        scope.setdefault("state", {})["request_id"] = rid
-        raw_id = rid.encode()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", raw_id)]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None

@@ -5,14 +5,20 @@ turns NOT_SERVING as readiness fails."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
+import yaml
 from fastapi import FastAPI
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from guard.toy.processes import GUARD, free_port, running
 from tests.images import data_url, encode, gradient, image_message
 from tests.servers import AppServer, RunningGuard
 
@@ -61,3 +67,100 @@ def test_stop_drains_http_and_grpc_together() -> None:
     assert ready is None or ready.status_code == 503  # draining, or already closed
     # Both open calls were waited for up to the drain, once: one after the other took 2 × 3 s.
     assert DRAIN - 0.5 < took < 2 * DRAIN - 0.5, took
+
+
+STREAMS = 100
+WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def test_sigterm_with_open_streams_loses_none(tmp_path: Path) -> None:
+    """SIGTERM to a real `vlm-guard serve` with 100 streams open: readiness goes at once, new
+    connections are refused, gRPC health turns NOT_SERVING, and every stream ends complete
+    (all its words and [DONE]) within the grace; the process exits 0."""
+    up, http_port, grpc_port = free_port(), free_port(), free_port()
+    config = tmp_path / "guard.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"http_port": http_port, "grpc_port": grpc_port, "drain_seconds": 20},
+                "upstream": {"url": f"http://127.0.0.1:{up}/v1"},
+                "pipeline": {"defenses": []},
+            }
+        )
+    )
+    # Each answer is 11 words at 0.15 s: about 1.7 s, so all streams are mid-answer at SIGTERM.
+    upstream = [*GUARD, "toy", "upstream", "--port", str(up), "--token-delay", "0.15"]
+    guard_url = f"http://127.0.0.1:{http_port}"
+    with (
+        running(upstream, f"http://127.0.0.1:{up}/v1/models"),
+        running([*GUARD, "serve", "--config", str(config)], guard_url + "/readyz") as guard,
+    ):
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        statuses = [next(watch).status]
+        answers, took = asyncio.run(_streams_across_sigterm(guard_url, guard))
+        statuses.append(next(watch).status)
+        assert guard.wait(30) == 0
+        channel.close()
+    assert statuses == [
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    ]
+    expected = " ".join(["echo:", *WORDS, "images=0"])
+    assert len(answers) == STREAMS
+    incomplete = [a for a in answers if a != expected]
+    assert not incomplete, incomplete[:3]  # none dropped, none cut short
+    assert took["refused_after_s"] < 1.0  # new connections are refused at once
+    assert took["all_done_s"] < 20  # within the drain
+
+
+async def _streams_across_sigterm(
+    url: str, guard: subprocess.Popen[str]
+) -> tuple[list[str], dict[str, float]]:
+    started = asyncio.Event()
+    first = 0
+
+    async def stream(client: httpx.AsyncClient) -> str:
+        nonlocal first
+        body = {
+            "model": "echo",
+            "stream": True,
+            "messages": [{"role": "user", "content": " ".join(WORDS)}],
+        }
+        words, done = [], False
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    continue
+                delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                if delta:
+                    if not words:
+                        first += 1
+                        if first == STREAMS:
+                            started.set()
+                    words.append(delta)
+        return "".join(words).strip() if done else "(no [DONE])"
+
+    limits = httpx.Limits(max_connections=STREAMS + 10)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        tasks = [asyncio.create_task(stream(client)) for _ in range(STREAMS)]
+        await asyncio.wait_for(started.wait(), 60)  # every stream has its first words
+        start = time.perf_counter()
+        guard.send_signal(signal.SIGTERM)
+        refused_after = float("inf")
+        while time.perf_counter() - start < 5:
+            try:
+                async with httpx.AsyncClient(timeout=1) as fresh:
+                    await fresh.get(url + "/readyz")
+            except httpx.HTTPError:
+                refused_after = time.perf_counter() - start
+                break
+            await asyncio.sleep(0.02)
+        answers = await asyncio.gather(*tasks)
+        all_done = time.perf_counter() - start
+    return list(answers), {"refused_after_s": refused_after, "all_done_s": all_done}

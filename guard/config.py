@@ -119,6 +119,62 @@ class ImagesConfig(_Section):
     fetch: FetchConfig = FetchConfig()
 
 
+# Request-body fields with which a client changes how vLLM renders or embeds the prompt. The
+# guard's checks assume the model sees the text and pixels the guard judged; with these it
+# would not. Each is a top-level field of vLLM's OpenAI protocol:
+RISKY_FIELDS = (
+    "chat_template",  # a client's own Jinja template replaces the model's: any rendering at all
+    # (and vLLM GHSA-6fvq-23cw-5628 / GHSA-4hw3-g54f-xfrj: templates as a denial of service)
+    "chat_template_kwargs",  # variables the template reads: can switch its branches or be
+    # rendered as text; older vLLM also took a whole template through it
+    "documents",  # RAG documents the template renders into the prompt, never judged
+    "mm_processor_kwargs",  # HF processor options (resize, crops, pixel budget): the model's
+    # view of the image differs from the one the image stages checked
+    "media_io_kwargs",  # per-request media decoder options (newer vLLM), the same concern
+    "prompt_embeds",  # /v1/completions: embeddings go straight to the model, no text at all
+    "kv_transfer_params",  # disaggregated prefill: KV state computed elsewhere stands in for
+    # the prefill of the judged prompt (set by a P/D router, never by a client)
+    "truncate_prompt_tokens",  # keeps the last N tokens only: the model sees part of what was
+    # judged (a framing cut away, image placeholder tokens cut in half)
+)
+# Left out on purpose:
+# - tools: names, descriptions and schemas the template renders into the prompt, not judged
+#   today; function calling is ordinary OpenAI use and passes through. List it where clients
+#   never need it.
+# - add_generation_prompt, continue_final_message: they change the prompt's structure, not its
+#   text (every message is judged, and /v1/completions already lets a client lay out a prompt).
+# - guided_*, response_format, structural_tag: they shape the output, not the prompt.
+# - logits_processors: vLLM refuses it unless its operator allows a pattern.
+# Fields the guard itself reads cannot be listed.
+_OWN_FIELDS = frozenset({"model", "messages", "prompt", "stream", "stream_options"})
+
+
+class RequestsConfig(_Section):
+    """Request-body fields an untrusted client may not set (checked on chat and completions,
+    HTTP and gRPC alike, before anything else)."""
+
+    risky_fields: list[str] = Field(
+        default_factory=lambda: list(RISKY_FIELDS),
+        description="top-level body fields that change prompt rendering or embedding; "
+        "a field whose value is null counts as absent",
+    )
+    risky_action: Literal["reject", "strip"] = Field(
+        "reject",
+        description="reject: 400 invalid_request_error naming the field; strip: remove it "
+        "before the request is judged and forwarded (logged, counted)",
+    )
+
+    @field_validator("risky_fields")
+    @classmethod
+    def _not_own(cls, v: list[str]) -> list[str]:
+        own = sorted(_OWN_FIELDS.intersection(v))
+        if own:
+            raise ValueError(f"the guard needs these fields itself: {', '.join(own)}")
+        if any(not name for name in v):
+            raise ValueError("field names must not be empty")
+        return list(dict.fromkeys(v))
+
+
 class StageConfig(_Section):
     """What the pipeline needs to know about any stage."""
 
@@ -245,6 +301,7 @@ class GuardConfig(BaseSettings):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     images: ImagesConfig = ImagesConfig()
+    requests: RequestsConfig = RequestsConfig()
     pipeline: PipelineConfig = PipelineConfig()
     purify: PurifyConfig = PurifyConfig()
     reasoner: ReasonerConfig = ReasonerConfig()

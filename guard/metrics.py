@@ -143,6 +143,16 @@ class Metrics:
         self.cache_hits = Counter(
             p + "cache_hits", "Stage cache hits.", ["stage"], registry=registry
         )
+        # ``field`` takes only the configured names (requests.risky_fields), a set the operator
+        # chose, never one a client made up; ``action`` is reject or strip (requests.risky_action).
+        # guard/intake/messages.py creates the configured series at start-up.
+        self.risky_fields = Counter(
+            p + "risky_fields",
+            "Requests that carried a risky body field, by field and what was done (reject or "
+            "strip).",
+            ["field", "action"],
+            registry=registry,
+        )
         # Pre-create the closed label sets so dashboards and alerts see zeros, not gaps.
         for t in TRANSPORTS:
             for o in OUTCOMES:

@@ -23,6 +23,7 @@ from guard.config import DEFENSES, ConfigError, GuardConfig, ServerConfig, Stage
 from guard.errors import GuardError
 from guard.intake.fetch import Fetcher, Resolver
 from guard.intake.loader import Intake
+from guard.intake.messages import RiskyFields
 from guard.metrics import STAGES, Metrics
 from guard.pipeline import Pipeline
 from guard.service import GuardService
@@ -79,7 +80,11 @@ def build_service(
     configs.update(stage_configs or {})
     return GuardService(
         cfg,
-        Intake(cfg.images, Fetcher(cfg.images, resolver=resolver)),
+        Intake(
+            cfg.images,
+            Fetcher(cfg.images, resolver=resolver),
+            RiskyFields(cfg.requests, metrics),
+        ),
         Pipeline(stages, configs, metrics, mode=cfg.pipeline.mode),
         UpstreamClient(cfg.upstream, metrics, connector=upstream_connector),
         metrics,

@@ -7,11 +7,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guard.config import ImagesConfig
+from guard.config import ImagesConfig, RequestsConfig
 from guard.errors import InvalidRequest
 from guard.intake.decode import decode_image, parse_data_url
 from guard.intake.fetch import Fetcher
-from guard.intake.messages import ImageRef, chat_parts, completion_text
+from guard.intake.messages import ImageRef, RiskyFields, chat_parts, completion_text
 from guard.types import GuardRequest, ImageInput
 
 
@@ -24,9 +24,12 @@ class ImageSource:
 
 
 class Intake:
-    def __init__(self, cfg: ImagesConfig, fetcher: Fetcher) -> None:
+    def __init__(
+        self, cfg: ImagesConfig, fetcher: Fetcher, fields: RiskyFields | None = None
+    ) -> None:
         self._cfg = cfg
         self._fetcher = fetcher
+        self._fields = fields if fields is not None else RiskyFields(RequestsConfig())
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
@@ -34,6 +37,7 @@ class Intake:
     async def chat(
         self, request_id: str, body: Mapping[str, Any]
     ) -> tuple[GuardRequest, tuple[ImageRef, ...]]:
+        self._fields.apply(request_id, body)
         parts = chat_parts(body)
         images = await self.load_all(
             [ImageSource(url=r.url) for r in parts.images], [r.param for r in parts.images]
@@ -41,6 +45,7 @@ class Intake:
         return GuardRequest(request_id, parts.text, images, body), parts.images
 
     def completion(self, request_id: str, body: Mapping[str, Any]) -> GuardRequest:
+        self._fields.apply(request_id, body)
         return GuardRequest(request_id, completion_text(body), (), body)
 
     async def load_all(

@@ -4,23 +4,62 @@ Chat bodies carry text and images inside ``messages[i].content``; a content is e
 or a list of typed parts. The guard judges every text part of every message (a harmful
 instruction can hide in a system or assistant turn as well as a user turn) and every
 ``image_url`` part. Media parts it cannot inspect (video, audio, image embeddings) are refused
-rather than waved through.
+rather than waved through, and so are top-level fields that change how the upstream renders or
+embeds the prompt (``RiskyFields``; the list and the action are configuration).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from guard.config import RequestsConfig
 from guard.errors import InvalidRequest
+from guard.metrics import Metrics
 from guard.types import ImageInput
+
+log = logging.getLogger(__name__)
 
 # vLLM accepts more multimodal part types than OpenAI; none of these can be checked here.
 UNCHECKABLE_PARTS = frozenset(
     {"video_url", "audio_url", "input_audio", "image_embeds", "image_pil", "file", "input_file"}
 )
+
+
+class RiskyFields:
+    """Refuses, or strips, the body fields of ``requests.risky_fields``.
+
+    Stripping edits the body in place: the transports parse a fresh object for each request and
+    hand that same object on, so what is judged, audited and forwarded is the stripped body. A
+    field whose value is null is absent (vLLM's default), and is left as it is.
+    """
+
+    def __init__(self, cfg: RequestsConfig, metrics: Metrics | None = None) -> None:
+        self._fields = tuple(cfg.risky_fields)
+        self._action = cfg.risky_action
+        self._counter = metrics.risky_fields if metrics is not None else None
+        if self._counter is not None:
+            for name in self._fields:  # zeros, not gaps, for every configured field
+                self._counter.labels(name, self._action)
+
+    def apply(self, request_id: str, body: Mapping[str, Any]) -> None:
+        found = [name for name in self._fields if body.get(name) is not None]
+        if not found:
+            return
+        if self._counter is not None:
+            for name in found:
+                self._counter.labels(name, self._action).inc()
+        if self._action == "reject":
+            first = found[0]
+            raise InvalidRequest(f"the '{first}' parameter is not accepted", param=first)
+        if not isinstance(body, MutableMapping):
+            raise TypeError("a body whose fields are stripped must be mutable")
+        for name in found:
+            del body[name]
+        log.info("request %s: stripped %s", request_id, ", ".join(found))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,8 +32,13 @@ from guard.errors import (
     PolicyViolation,
 )
 from guard.service import GuardService, Screened, Tracker
+from guard.sse import SSEParser
 from guard.transport import openai_models as om
-from guard.transport.middleware import AdmissionMiddleware, RequestIdMiddleware
+from guard.transport.middleware import (
+    AdmissionMiddleware,
+    CancelOnDisconnect,
+    RequestIdMiddleware,
+)
 from guard.upstream import UpstreamStream, UpstreamStreamError
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,7 @@ def create_app(
 ) -> ASGIApp:
     """The HTTP app; ``admission`` is shared with gRPC when both serve (``GuardServer``)."""
     app = FastAPI(title="vlm-guard", version="0.1.0", docs_url=None, redoc_url=None)
+    app.add_middleware(CancelOnDisconnect)  # inside admission: the slot outlives the cancel
     app.add_middleware(
         AdmissionMiddleware,
         admission=admission if admission is not None else Admission(cfg.server),
@@ -179,28 +186,47 @@ async def _forward(
 async def _relay(
     chunks: AsyncIterator[bytes], tracker: Tracker, outcome: str, rid: str
 ) -> AsyncIterator[bytes]:
-    """Pass the upstream's bytes through unchanged; a broken stream ends in an error event."""
+    """Pass the upstream's events through unchanged, up to an error event of the upstream's
+    own (vLLM writes the exception's text into it): that one becomes the guard's error event,
+    and the stream ends there. A broken stream ends the same way. Never a fake ``[DONE]``: the
+    client must see that the answer is incomplete."""
     try:
         async for chunk in chunks:
+            # ``chunks`` yields whole events, so an error event never straddles two chunks.
+            cut = _error_event_at(chunk) if b"error" in chunk else None
+            if cut is not None:
+                log.warning("upstream sent an error event on request %s", rid)
+                tracker.finish("upstream_error")
+                if cut:
+                    yield chunk[:cut]  # the events before it are part of the answer
+                yield om.sse(om.stream_error("the upstream model server failed mid-stream"))
+                return
             yield chunk
     except UpstreamStreamError:
         log.warning("upstream stream broke on request %s", rid)
         tracker.finish("upstream_error")
-        # No fake [DONE]: the client must see that the answer is incomplete.
-        error = {
-            "error": {
-                "message": "upstream stream interrupted",
-                "type": "upstream_error",
-                "param": None,
-                "code": "upstream_stream_error",
-            }
-        }
-        yield om.sse(error)
+        yield om.sse(om.stream_error("upstream stream interrupted"))
     finally:
         tracker.finish(outcome)
         close = getattr(chunks, "aclose", None)
         if close is not None:  # the client left: the upstream response closes now (vLLM aborts)
             await close()
+
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+def _error_event_at(data: bytes) -> int | None:
+    """Where the first error event in ``data`` (whole events) starts; None if there is none."""
+    start = line = 0
+    for eol in _EOL.finditer(data):
+        if eol.start() == line:  # a blank line: the event since ``start`` is complete
+            event = data[start : eol.end()]
+            if any(om.is_error_event(p) for p in SSEParser().feed(event)):
+                return start
+            start = eol.end()
+        line = eol.end()
+    return None
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:

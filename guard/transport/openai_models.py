@@ -126,6 +126,35 @@ def completion_refusal(model: str, request_id: str, message: str) -> dict[str, A
     }
 
 
+def is_error_event(payload: str) -> bool:
+    """Whether an event-stream ``data`` payload is an error event rather than a chunk.
+
+    vLLM ends a failed stream with one (its message is the exception's text), then ``[DONE]``.
+    The transports replace it with their own error: HTTP with ``stream_error``, gRPC with a
+    status (``transport/grpc.py`` has its own copy of this check and could import this one).
+    """
+    if '"error"' not in payload:
+        return False
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return False
+    # OpenAI nests {"error": {...}}; older vLLM sends {"object": "error", "message": ...}.
+    return isinstance(event, dict) and ("error" in event or event.get("object") == "error")
+
+
+def stream_error(message: str) -> dict[str, Any]:
+    """The guard's own error event for a stream that cannot end well (no ``[DONE]`` after it)."""
+    return {
+        "error": {
+            "message": message,
+            "type": "upstream_error",
+            "param": None,
+            "code": "upstream_stream_error",
+        }
+    }
+
+
 def sse(event: dict[str, Any] | str) -> bytes:
     data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
     return f"data: {data}\n\n".encode()

@@ -310,7 +310,11 @@ class BatchWorker(Generic[T, R]):
 
 async def submit_all(worker: BatchWorker[T, R], items: Iterable[T], what: str) -> list[R]:
     """Submit ``items`` together and wait for all; a full queue becomes :class:`Overloaded`
-    (429/503 + Retry-After) and a closed worker :class:`GuardUnavailable`, named by ``what``."""
+    (429 + Retry-After) and a closed worker :class:`GuardUnavailable`, named by ``what``.
+
+    Raised from a stage, both are stage failures like any other: the pipeline applies the
+    stage's fail mode (closed: 503 ``guard_unavailable``; open: forwarded). Only the gRPC
+    ``Purify`` route, which runs the purifier alone, passes them on as they are."""
     try:
         return list(await asyncio.gather(*(worker.submit(item) for item in items)))
     except QueueFull:

@@ -149,10 +149,11 @@ class Pipeline:
                 return Decision(stage.name, "allow", reason=f"fail_open: {why}")
             self._metrics.decisions.labels(label, "error").inc()
             log.error(
-                "stage %s failed (%s) on request %s (fail mode closed)",
+                "stage %s failed (%s) on request %s (fail mode closed%s)",
                 stage.name,
                 why,
                 request.id,
+                "; forwarded all the same: monitor mode" if self.mode == "monitor" else "",
                 exc_info=not isinstance(e, TimeoutError),
             )
             return None

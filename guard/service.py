@@ -7,7 +7,6 @@ pixels. Transports call this and only translate wire formats; they never decide.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -62,11 +61,16 @@ async def _cancel(task: asyncio.Task[Any] | None) -> None:
     """Stop an early upstream call: cancel it, or close what it already opened."""
     if task is None:
         return
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        return
+    # A callback, not code after the wait: it runs even if we are cancelled while waiting, and
+    # the call may have opened its response before the cancel landed.
+    task.add_done_callback(_close_opened)
+    task.cancel()  # a no-op when it is done
+    # wait() rather than ``await task``: the task's own end (cancelled, failed) is not ours to
+    # raise, but our own cancellation (the client went away) must still propagate.
+    await asyncio.wait({task})
+
+
+def _close_opened(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is None:
         closer = getattr(task.result(), "close", None)
         if callable(closer):

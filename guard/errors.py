@@ -12,6 +12,7 @@
     ├── Overloaded                  429 rate_limit_error         RESOURCE_EXHAUSTED
     │   └── NotAdmitted             503 overloaded               UNAVAILABLE
     ├── GuardUnavailable            503 guard_unavailable        UNAVAILABLE
+    ├── UpstreamRejected            4xx (the upstream's)         INVALID_ARGUMENT
     ├── UpstreamUnavailable         502 upstream_error           UNAVAILABLE
     │   └── UpstreamOverloaded      503 upstream_overloaded      UNAVAILABLE
     └── UpstreamTimeout             504 upstream_timeout         DEADLINE_EXCEEDED
@@ -134,6 +135,31 @@ class GuardUnavailable(GuardError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
     retryable = True
     retry_after = 1
+
+
+class UpstreamRejected(GuardError):
+    """The upstream refused the request as the client's fault (a 4xx: unknown model, prompt
+    too long): its status, and its message once scrubbed, are the client's to read."""
+
+    type = "invalid_request_error"
+    code = None
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        param: str | None,
+        code: str | None,
+        retry_after: int | None,
+    ) -> None:
+        super().__init__(message, param=param)
+        self.status, self.code = status, code
+        if status == 429:  # the upstream's own rate limit: transient
+            self.grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            self.retryable = True
+            self.retry_after = min(max(retry_after or 1, 1), MAX_RETRY_AFTER)
 
 
 class UpstreamUnavailable(GuardError):

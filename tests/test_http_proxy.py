@@ -146,8 +146,15 @@ def test_completions_and_models_pass_through(guard: RunningGuard, upstream: AppS
 
 def test_upstream_client_errors_reach_the_client(guard: RunningGuard) -> None:
     client = openai.OpenAI(base_url=guard.url + "/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as info:
+    with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(
             model="no-such-model", messages=[{"role": "user", "content": "hi"}]
         )
     assert "does not exist" in str(info.value)
+    # In the guard's own shape: vLLM's integer code becomes a string.
+    assert info.value.body == {
+        "message": "The model `no-such-model` does not exist.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "404",
+    }

@@ -24,8 +24,10 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from guard.config import RISKY_FIELDS, ConfigError, load_config
+from guard.errors import UpstreamRejected
 from guard.intake.messages import UNCHECKABLE_PARTS
 from guard.sse import SSEParser
+from guard.transport import openai_models as om
 from guard.types import Decision, GuardRequest
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
@@ -422,9 +424,11 @@ async def test_client_values_cannot_add_series(make_guard: MakeGuard) -> None:
     async def send(client: httpx.AsyncClient, i: int) -> None:
         text = f"odd category {i} \u2603 {'x' * (i % 7)}"
         body = {"model": f"model-{i}", "messages": [{"role": "user", "content": text}]}
-        assert (await client.post("/v1/chat/completions", json=body)).status_code == 400
+        assert (
+            await client.post("/v1/chat/completions", json=body)
+        ).status_code == 404  # unknown to the upstream
         prompt = {"model": f"m/{i}", "prompt": text, "stream": bool(i % 2)}
-        assert (await client.post("/v1/completions", json=prompt)).status_code == 400
+        assert (await client.post("/v1/completions", json=prompt)).status_code == 404
 
     async with httpx.AsyncClient(base_url=guard.url, timeout=10) as client:
         # Warm-up: every path once (forwarded, upstream 4xx, refused field), then the count.
@@ -478,9 +482,15 @@ async def test_leak_check_reads_error_bodies_and_error_events() -> None:
         recorder.check()
 
 
-async def test_running_guard_fails_on_a_planted_leak() -> None:
-    """An upstream 4xx is relayed for the client to read (HTTP body, gRPC details): plant
-    internals there and the guard's own close() must fail, for both transports."""
+async def test_running_guard_fails_on_a_planted_leak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upstream 4xx reaches the client (HTTP body, gRPC details) through one scrubber: with
+    the scrubber broken, the internals it would remove must make the guard's close() fail,
+    for both transports."""
+
+    def unscrubbed(status: int, content: bytes, retry_after: str | None) -> UpstreamRejected:
+        return UpstreamRejected(BAIT, status=400, param=None, code=None, retry_after=None)
+
+    monkeypatch.setattr(om, "rejected_by_upstream", unscrubbed)
 
     async def leaky(scope: Scope, receive: Receive, send: Send) -> None:
         while (await receive()).get("more_body"):
@@ -501,3 +511,63 @@ async def test_running_guard_fails_on_a_planted_leak() -> None:
         server.close()
     assert "HTTP POST /v1/chat/completions -> 400" in str(info.value)
     assert "gRPC /guard.v1.Guard/Chat -> INVALID_ARGUMENT" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("upstream_body", "message", "code"),
+    [
+        (
+            {
+                "error": {
+                    "message": "This model's maximum context length is 4096 tokens.",
+                    "code": 400,
+                }
+            },
+            "This model's maximum context length is 4096 tokens.",
+            "400",
+        ),
+        (  # a Pillow message that once leaked a heap address (vLLM advisory)
+            {
+                "error": {
+                    "message": "cannot identify image file <_io.BytesIO object at 0x7f3a2c1d9e40>"
+                }
+            },
+            "cannot identify image file <_io.BytesIO object at <address>>",
+            None,
+        ),
+        (
+            {
+                "error": {
+                    "message": "No such file: /root/.cache/huggingface/hub/x.json",
+                    "code": "nf",
+                }
+            },
+            "No such file: <path>",
+            "nf",
+        ),
+        (
+            {"error": {"message": 'Traceback (most recent call last):\n  File "/a.py", line 1'}},
+            "the upstream model server rejected the request (status 400)",
+            None,
+        ),
+        (
+            b"<html>bad gateway page</html>",
+            "the upstream model server rejected the request (status 400)",
+            None,
+        ),
+    ],
+)
+def test_upstream_rejections_are_scrubbed_into_the_guards_shape(
+    upstream_body: Any, message: str, code: str | None
+) -> None:
+    raw = upstream_body if isinstance(upstream_body, bytes) else json.dumps(upstream_body).encode()
+    error = om.rejected_by_upstream(400, raw, None)
+    assert error.body()["error"] == {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": code,
+    }
+    assert error.status == 400 and not error.retryable
+    limited = om.rejected_by_upstream(429, b"{}", "7")
+    assert limited.retryable and limited.retry_after == 7 and limited.status == 429

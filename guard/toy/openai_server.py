@@ -63,8 +63,10 @@ def pixel_digest(image: Image.Image) -> str:
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str) -> None:
-        self.message = message
+    """An error answer in vLLM's shape (its ``code`` is the status, an integer)."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError") -> None:
+        self.message, self.status, self.kind = message, status, kind
 
 
 def create_app(
@@ -79,10 +81,8 @@ def create_app(
 
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest) -> Response:
-        body = {
-            "error": {"message": exc.message, "type": "BadRequestError", "param": None, "code": 400}
-        }
-        return JSONResponse(body, status_code=400)
+        error = {"message": exc.message, "type": exc.kind, "param": None, "code": exc.status}
+        return JSONResponse({"error": error}, status_code=exc.status)
 
     @app.get("/health")
     async def health() -> Response:
@@ -141,7 +141,8 @@ def create_app(
 
 def _check_model(body: dict[str, Any], model: ChatModel) -> None:
     if body.get("model") != model.name:
-        raise BadRequest(f"The model `{body.get('model')}` does not exist.")
+        # vLLM answers an unknown model with 404 NotFoundError.
+        raise BadRequest(f"The model `{body.get('model')}` does not exist.", 404, "NotFoundError")
 
 
 def _read_messages(messages: Any) -> tuple[list[str], list[Image.Image]]:

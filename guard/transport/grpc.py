@@ -205,7 +205,8 @@ class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
                 else:
                     content = await opened.read()
                     if opened.status >= 400:
-                        raise _upstream_rejected(opened.status, content)
+                        retry_after = opened.headers.get("retry-after")
+                        raise om.rejected_by_upstream(opened.status, content, retry_after)
                     text = content.decode("utf-8", errors="replace")
                     yield pb.ChatChunk(json=text, decision=decision)
         except BaseException as e:
@@ -239,7 +240,8 @@ class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
 async def _stream(opened: UpstreamStream, rid: str) -> AsyncGenerator[tuple[int, str], None]:
     """(index, payload) per upstream SSE event up to ``[DONE]``; a cut stream raises."""
     if opened.status != 200:
-        raise _upstream_rejected(opened.status, await opened.read())
+        content = await opened.read()
+        raise om.rejected_by_upstream(opened.status, content, opened.headers.get("retry-after"))
     parser = SSEParser()
     count = 0
     try:
@@ -272,18 +274,6 @@ def _is_error_event(payload: str) -> bool:
         return False
     # OpenAI nests {"error": {...}}; older vLLM sends {"object": "error", "message": ...}.
     return isinstance(event, dict) and ("error" in event or event.get("object") == "error")
-
-
-def _upstream_rejected(status: int, content: bytes) -> InvalidRequest:
-    """An upstream 4xx (unknown model, bad parameter) is the client's to read."""
-    try:
-        error = json.loads(content).get("error")
-        message = error.get("message") if isinstance(error, dict) else None
-    except (ValueError, AttributeError):
-        message = None
-    if not isinstance(message, str) or not message:
-        message = f"the upstream model server rejected the request (status {status})"
-    return InvalidRequest(message)
 
 
 def _sources(images: Sequence[Any]) -> list[ImageSource]:

@@ -39,6 +39,7 @@ from guard.transport.middleware import (
     CancelOnDisconnect,
     RequestIdMiddleware,
 )
+from guard.transport.openapi import ANSWER, LIST_ERRORS, METRICS, MODEL_ERRORS, request_body
 from guard.upstream import UpstreamStream, UpstreamStreamError
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ def create_app(
             return error_response(NotFound("no such route"))
         err = GuardError("method not allowed" if exc.status_code == 405 else "bad request")
         err.status, err.type, err.code = exc.status_code, "invalid_request_error", None
-        return error_response(err)
+        response = error_response(err)
+        response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -82,23 +85,27 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "not ready (draining, or no upstream)"}})
     async def readyz() -> Response:
         if await service.ready():
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=METRICS)
     async def metrics() -> Response:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=LIST_ERRORS)
     async def models(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), cfg.server.api_keys)
         upstream = await service.upstream.get("models", request_id=_rid(request))
         return Response(upstream.content, upstream.status, headers=dict(upstream.headers))
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=request_body(om.ChatCompletionRequest),
+        responses={**ANSWER, **MODEL_ERRORS},
+    )
     async def chat_completions(request: Request) -> Response:
         tracker = service.track("http")
         try:
@@ -126,7 +133,11 @@ def create_app(
             tracker.fail(e)
             raise
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        openapi_extra=request_body(om.CompletionRequest),
+        responses={**ANSWER, **MODEL_ERRORS},
+    )
     async def completions(request: Request) -> Response:
         tracker = service.track("http")
         try:
@@ -166,14 +177,18 @@ async def _forward(
         opened: UpstreamStream = await screened.early
     else:
         opened = await service.upstream.open(path, screened.body, request_id=rid)
-    if not stream:
-        content = await opened.read()
-        tracker.finish(outcome if opened.status < 400 else "invalid")
-        return Response(content, opened.status, headers={**opened.headers, **headers})
-    if opened.status != 200:
-        # An upstream 4xx (unknown model, bad sampling parameter) is the client's to read.
+    if opened.status >= 400:
+        # An upstream 4xx (unknown model, prompt too long) is the client's to read, in the
+        # guard's shape and scrubbed (upstream 5xx never get here: UpstreamClient raises).
         content = await opened.read()
         tracker.finish("invalid")
+        error = om.rejected_by_upstream(opened.status, content, opened.headers.get("retry-after"))
+        response = error_response(error)
+        response.headers.update(headers)
+        return response
+    if not stream:
+        content = await opened.read()
+        tracker.finish(outcome)
         return Response(content, opened.status, headers={**opened.headers, **headers})
     return _ClosingStream(
         _relay(opened.chunks(), tracker, outcome, rid),

@@ -7,13 +7,15 @@ fields the guard relies on.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from guard.errors import InvalidRequest
+from guard.errors import InvalidRequest, UpstreamRejected
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -158,3 +160,32 @@ def stream_error(message: str) -> dict[str, Any]:
 def sse(event: dict[str, Any] | str) -> bytes:
     data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
+
+
+# What an upstream error message may not carry to a client: vLLM puts str(exception) there,
+# which has leaked heap addresses (a Pillow error, GHSA-...) and can hold paths or tracebacks.
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?\b")
+_EXCEPTION = re.compile(r"\b[A-Z]\w*(?:Error|Exception):\s*")  # "ValueError: " prefixes
+_PATH = re.compile(r"(?<![\w:/.])(?:/[\w.@+-]+){2,}/?")
+
+
+def rejected_by_upstream(status: int, content: bytes, retry_after: str | None) -> UpstreamRejected:
+    """An upstream 4xx in the guard's own error shape: message scrubbed, code a string."""
+    error: Any = None
+    with contextlib.suppress(ValueError, AttributeError):  # not JSON, or not an object
+        error = json.loads(content).get("error")
+    error = error if isinstance(error, dict) else {}
+    message = error.get("message")
+    if not isinstance(message, str) or not message or _TRACEBACK.search(message):
+        message = f"the upstream model server rejected the request (status {status})"
+    message = _PATH.sub("<path>", _ADDRESS.sub("<address>", _EXCEPTION.sub("", message)))
+    message = message[:2000]
+    param, code = error.get("param"), error.get("code")
+    return UpstreamRejected(
+        message,
+        status=status if 400 <= status < 500 else 400,
+        param=param if isinstance(param, str) else None,
+        code=str(code) if isinstance(code, str | int) and not isinstance(code, bool) else None,
+        retry_after=int(retry_after) if retry_after and retry_after.isdigit() else None,
+    )

@@ -249,7 +249,7 @@ async def _stream(opened: UpstreamStream, rid: str) -> AsyncGenerator[tuple[int,
             for payload in parser.feed(chunk):
                 if payload == "[DONE]":
                     return
-                if _is_error_event(payload):
+                if om.is_error_event(payload):
                     log.warning("upstream sent an error event on request %s", rid)
                     raise UpstreamUnavailable("upstream stream interrupted")
                 yield count, payload
@@ -263,17 +263,6 @@ async def _stream(opened: UpstreamStream, rid: str) -> AsyncGenerator[tuple[int,
     # No [DONE]: the client must learn that the answer may be incomplete.
     log.warning("upstream stream ended without [DONE] on request %s", rid)
     raise UpstreamUnavailable("upstream stream interrupted")
-
-
-def _is_error_event(payload: str) -> bool:
-    if '"error"' not in payload:
-        return False
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        return False
-    # OpenAI nests {"error": {...}}; older vLLM sends {"object": "error", "message": ...}.
-    return isinstance(event, dict) and ("error" in event or event.get("object") == "error")
 
 
 def _sources(images: Sequence[Any]) -> list[ImageSource]:

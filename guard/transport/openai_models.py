@@ -133,7 +133,7 @@ def is_error_event(payload: str) -> bool:
 
     vLLM ends a failed stream with one (its message is the exception's text), then ``[DONE]``.
     The transports replace it with their own error: HTTP with ``stream_error``, gRPC with a
-    status (``transport/grpc.py`` has its own copy of this check and could import this one).
+    status.
     """
     if '"error"' not in payload:
         return False

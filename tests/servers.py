@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import aclosing
@@ -22,6 +23,8 @@ from unittest import mock
 
 import grpc
 import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -319,3 +322,60 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+class SlowUpstream:
+    """An OpenAI-compatible upstream that answers slowly (``tokens`` pieces, ``token_s`` apart,
+    the first after ``first_token_s`` more) and records per request id, as vLLM's abort on
+    disconnect would show, when the request arrived, when it noticed the guard had gone
+    (disconnect or cancellation) and when it finished an answer. A non-streamed answer looks
+    for a disconnect every ``poll_s``, as vLLM does between steps."""
+
+    def __init__(
+        self, tokens: int = 10, token_s: float = 0.05, poll_s: float | None = None
+    ) -> None:
+        self.tokens, self.token_s, self.poll_s = tokens, token_s, poll_s or token_s
+        self.first_token_s = 0.0
+        self.started: dict[str, float] = {}
+        self.cancelled: dict[str, float] = {}
+        self.finished: dict[str, float] = {}
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Any:
+            body = await request.json()
+            rid = request.headers["x-request-id"]
+            self.started[rid] = time.monotonic()
+            if body.get("stream"):
+                return StreamingResponse(self._events(rid), media_type="text/event-stream")
+            try:
+                deadline = time.monotonic() + self.tokens * self.token_s
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(self.poll_s)
+                    if await request.is_disconnected():
+                        self.cancelled[rid] = time.monotonic()
+                        return JSONResponse({}, status_code=499)
+            except BaseException:
+                self.cancelled[rid] = time.monotonic()
+                raise
+            self.finished[rid] = time.monotonic()
+            message = {"role": "assistant", "content": "slow answer"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return JSONResponse({"id": rid, "object": "chat.completion", "choices": [choice]})
+
+        self.server = AppServer(app)
+
+    async def _events(self, rid: str) -> AsyncIterator[bytes]:
+        # Starlette cancels this generator as soon as the connection is lost (it listens for
+        # the disconnect beside the stream): CancelledError, recorded below.
+        try:
+            await asyncio.sleep(self.first_token_s)
+            for i in range(self.tokens):
+                await asyncio.sleep(self.token_s)
+                chunk = {"id": rid, "choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+            self.finished[rid] = time.monotonic()
+        except BaseException:
+            self.cancelled[rid] = time.monotonic()
+            raise

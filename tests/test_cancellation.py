@@ -11,78 +11,25 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import httpx
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from guard.config import StageConfig
 from guard.types import Decision, GuardRequest
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.images import data_url, encode, gradient, image_message
-from tests.servers import AppServer, RunningGuard
+from tests.servers import RunningGuard, SlowUpstream
 
 POLL_S = 0.02  # how often the upstream looks for a disconnect, as vLLM does between steps
 ANSWER_S = 4.0  # an answer takes this long: far longer than any cancellation may
 TOKEN_S = 0.05
 LIMIT_S = 1.0  # the longest a cancellation may take to reach the upstream
-
-
-class SlowUpstream:
-    """An OpenAI-compatible upstream that answers slowly and records, per request id, when the
-    request arrived, when it noticed the guard had gone (disconnect or cancellation) and when
-    it finished an answer."""
-
-    def __init__(self) -> None:
-        self.first_token_s = 0.0
-        self.started: dict[str, float] = {}
-        self.cancelled: dict[str, float] = {}
-        self.finished: dict[str, float] = {}
-        app = FastAPI()
-
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request) -> Any:
-            body = await request.json()
-            rid = request.headers["x-request-id"]
-            self.started[rid] = time.monotonic()
-            if body.get("stream"):
-                return StreamingResponse(self._events(rid), media_type="text/event-stream")
-            try:
-                deadline = time.monotonic() + ANSWER_S
-                while time.monotonic() < deadline:
-                    await asyncio.sleep(POLL_S)
-                    if await request.is_disconnected():
-                        self.cancelled[rid] = time.monotonic()
-                        return JSONResponse({}, status_code=499)
-            except BaseException:
-                self.cancelled[rid] = time.monotonic()
-                raise
-            self.finished[rid] = time.monotonic()
-            choice = {"index": 0, "message": {"role": "assistant", "content": "slow"}}
-            return JSONResponse({"id": rid, "object": "chat.completion", "choices": [choice]})
-
-        self.server = AppServer(app)
-
-    async def _events(self, rid: str) -> AsyncIterator[bytes]:
-        # Starlette cancels this generator as soon as the connection is lost (it listens for
-        # the disconnect beside the stream): CancelledError, recorded below.
-        try:
-            await asyncio.sleep(self.first_token_s)
-            for i in range(int(ANSWER_S / TOKEN_S)):
-                chunk = {"id": rid, "choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
-                yield f"data: {json.dumps(chunk)}\n\n".encode()
-                await asyncio.sleep(TOKEN_S)
-            yield b"data: [DONE]\n\n"
-            self.finished[rid] = time.monotonic()
-        except BaseException:
-            self.cancelled[rid] = time.monotonic()
-            raise
 
 
 @dataclass
@@ -117,7 +64,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    upstream, stage = SlowUpstream(), Slow()
+    upstream = SlowUpstream(tokens=int(ANSWER_S / TOKEN_S), token_s=TOKEN_S, poll_s=POLL_S)
+    stage = Slow()
     guard = RunningGuard(
         upstream.server.url + "/v1",
         {"server": {"drain_seconds": 0}},

@@ -6,67 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import httpx
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from guard.config import StageConfig
 from guard.types import Decision, GuardRequest
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.images import data_url, encode, gradient, image_message
-from tests.servers import AppServer, RunningGuard
-
-TOKENS = 10
-TOKEN_S = 0.05  # the upstream's answer takes about half a second
-
-
-class SlowUpstream:
-    """An OpenAI-compatible upstream that takes its time and records, like vLLM's abort on
-    disconnect, which requests were cancelled before their answer was complete."""
-
-    def __init__(self) -> None:
-        self.started: dict[str, float] = {}
-        self.cancelled: dict[str, float] = {}
-        self.finished: dict[str, float] = {}
-        app = FastAPI()
-
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request) -> Any:
-            body = await request.json()
-            rid = request.headers["x-request-id"]
-            self.started[rid] = time.monotonic()
-            if body.get("stream"):
-                return StreamingResponse(self._events(rid), media_type="text/event-stream")
-            for _ in range(TOKENS):  # vLLM polls for a disconnect while it generates
-                await asyncio.sleep(TOKEN_S)
-                if await request.is_disconnected():
-                    self.cancelled[rid] = time.monotonic()
-                    return JSONResponse({}, status_code=499)
-            self.finished[rid] = time.monotonic()
-            message = {"role": "assistant", "content": "slow answer"}
-            choice = {"index": 0, "message": message, "finish_reason": "stop"}
-            return JSONResponse({"id": rid, "object": "chat.completion", "choices": [choice]})
-
-        self.server = AppServer(app)
-
-    async def _events(self, rid: str) -> AsyncIterator[bytes]:
-        try:
-            for i in range(TOKENS):
-                await asyncio.sleep(TOKEN_S)
-                chunk = {"id": rid, "choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
-                yield f"data: {json.dumps(chunk)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-            self.finished[rid] = time.monotonic()
-        except BaseException:
-            self.cancelled[rid] = time.monotonic()
-            raise
+from tests.servers import RunningGuard, SlowUpstream
 
 
 @dataclass
@@ -91,7 +44,7 @@ class Judge:
 
 @pytest.fixture
 def slow() -> Iterator[SlowUpstream]:
-    upstream = SlowUpstream()
+    upstream = SlowUpstream()  # 10 tokens 50 ms apart: about half a second
     yield upstream
     upstream.server.close()
 

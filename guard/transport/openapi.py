@@ -15,7 +15,6 @@ from pydantic import BaseModel
 from guard.errors import (
     GuardUnavailable,
     InvalidRequest,
-    NotAdmitted,
     Overloaded,
     PayloadTooLarge,
     Unauthenticated,
@@ -44,6 +43,7 @@ def _error(description: str) -> dict[str, Any]:
 # 431 (headers too large) is answered before routing, by the server: not part of any route.
 UPSTREAM_ERRORS: dict[int | str, dict[str, Any]] = {
     UpstreamUnavailable.status: _error("the upstream failed"),
+    # GuardUnavailable and NotAdmitted share the 503.
     GuardUnavailable.status: _error("a stage failed (fail mode closed), or no slot was free"),
     UpstreamTimeout.status: _error("the upstream timed out"),
 }
@@ -56,7 +56,6 @@ MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
     **UPSTREAM_ERRORS,
 }
 LIST_ERRORS = {Unauthenticated.status: _error("missing or wrong API key"), **UPSTREAM_ERRORS}
-assert NotAdmitted.status == GuardUnavailable.status  # both are the 503 above
 
 ANSWER: dict[int | str, dict[str, Any]] = {
     200: {

@@ -78,6 +78,12 @@ class ServerConfig(_Section):
         "closes, before the headers are parsed whole",
     )
     max_headers: int = Field(100, ge=8, description="HTTP header fields per request; beyond: 431")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="longest time to receive a whole HTTP request body once admitted; a slower "
+        "upload is answered 408 and its slot freed",
+    )
 
 
 class UpstreamConfig(_Section):
@@ -85,6 +91,13 @@ class UpstreamConfig(_Section):
     api_key: SecretStr | None = None
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(600.0, gt=0, description="per read; long generations stream")
+    total_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="longest whole answer, from sending the request to the last byte; an "
+        "upstream that trickles bytes is cut off (504 before the first event, an error event "
+        "after it)",
+    )
     ready_timeout_s: float = Field(2.0, gt=0)
     max_connections: int = Field(1000, gt=0)
 
@@ -116,7 +129,23 @@ class ImagesConfig(_Section):
     formats: list[Literal["JPEG", "PNG", "WEBP", "GIF"]] = Field(
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF"]  # type: ignore[arg-type]
     )
+    max_inflight_pixels: int = Field(
+        150_000_000,
+        gt=0,
+        description="decoded pixels held by all requests together, from decoding to the end of "
+        "screening (about 3 bytes each, more while the stages work); a request whose images do "
+        "not fit waits, first in first out. Never below max_pixels",
+    )
+    pixel_wait_s: float = Field(
+        10.0, gt=0, description="longest wait for room in max_inflight_pixels; then 503"
+    )
     fetch: FetchConfig = FetchConfig()
+
+    @model_validator(mode="after")
+    def _budget_fits_one_image(self) -> ImagesConfig:
+        if self.max_inflight_pixels < self.max_pixels:
+            raise ValueError("max_inflight_pixels must be at least max_pixels")
+        return self
 
 
 # Request-body fields with which a client changes how vLLM renders or embeds the prompt. The
@@ -138,9 +167,9 @@ RISKY_FIELDS = (
     # judged (a framing cut away, image placeholder tokens cut in half)
 )
 # Left out on purpose:
-# - tools: names, descriptions and schemas the template renders into the prompt, not judged
-#   today; function calling is ordinary OpenAI use and passes through. List it where clients
-#   never need it.
+# - tools: function calling is ordinary OpenAI use; the names, descriptions and schemas the
+#   template renders into the prompt are judged as text (guard/intake/messages.py). List it
+#   where clients never need it.
 # - add_generation_prompt, continue_final_message: they change the prompt's structure, not its
 #   text (every message is judged, and /v1/completions already lets a client lay out a prompt).
 # - guided_*, response_format, structural_tag: they shape the output, not the prompt.

@@ -6,6 +6,7 @@
     ├── InvalidRequest              400 invalid_request_error    INVALID_ARGUMENT
     │   └── PolicyViolation         400 content_policy_violation PERMISSION_DENIED
     ├── PayloadTooLarge             413 invalid_request_error    RESOURCE_EXHAUSTED
+    ├── RequestTimeout              408 invalid_request_error    DEADLINE_EXCEEDED
     ├── Unauthenticated             401 authentication_error     UNAUTHENTICATED
     ├── NotFound                    404 not_found_error          NOT_FOUND
     ├── StageDisabled               400 invalid_request_error    FAILED_PRECONDITION
@@ -101,6 +102,19 @@ class StageDisabled(GuardError):
     type = "invalid_request_error"
     code = "stage_disabled"
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class RequestTimeout(GuardError):
+    """The client took longer than ``server.body_timeout_s`` to send its body (HTTP only: gRPC
+    reads whole messages itself). Retryable, as the OpenAI SDKs treat 408: a slow link is
+    usually transient, and the slot it held is free again."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    retryable = True
+    retry_after = 1
 
 
 class Overloaded(GuardError):

@@ -20,9 +20,11 @@ OUTCOMES = (
     "invalid",
     "unauthenticated",
     "upstream_error",
+    "cancelled",
 )
-# Why admission control refused a model request (guard/admission.py).
-OVERLOAD_REASONS = ("queue_full", "queue_timeout", "draining")
+# Why a model request was refused for capacity: admission control (guard/admission.py), or no
+# room for its decoded images (guard/intake/budget.py).
+OVERLOAD_REASONS = ("queue_full", "queue_timeout", "draining", "pixel_budget")
 ACTIONS = ("allow", "block", "rewrite", "would_block", "error", "fail_open")
 STAGES = ("purify", "reasoner", "backdoor")
 CATEGORIES = (
@@ -113,9 +115,15 @@ class Metrics:
             "Model requests waiting for an admission slot.",
             registry=registry,
         )
+        self.pixels_inflight = Gauge(
+            p + "image_pixels_inflight",
+            "Decoded image pixels held by requests being screened (images.max_inflight_pixels).",
+            registry=registry,
+        )
         self.overload = Counter(
             p + "overload",
-            "Model requests refused by admission control (HTTP 429/503).",
+            "Model requests refused for capacity: admission control, or no room in the pixel "
+            "budget (HTTP 429/503).",
             ["transport", "reason"],
             registry=registry,
         )

@@ -21,6 +21,7 @@ from guard.admission import Admission
 from guard.audit import AuditLog
 from guard.config import DEFENSES, ConfigError, GuardConfig, ServerConfig, StageConfig
 from guard.errors import GuardError
+from guard.intake.budget import PixelBudget
 from guard.intake.fetch import Fetcher, Resolver
 from guard.intake.loader import Intake
 from guard.intake.messages import RiskyFields
@@ -84,6 +85,7 @@ def build_service(
             cfg.images,
             Fetcher(cfg.images, resolver=resolver),
             RiskyFields(cfg.requests, metrics),
+            PixelBudget(cfg.images, metrics, retry_after=cfg.server.retry_after_s),
         ),
         Pipeline(stages, configs, metrics, mode=cfg.pipeline.mode),
         UpstreamClient(cfg.upstream, metrics, connector=upstream_connector),

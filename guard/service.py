@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,11 +22,13 @@ from guard.errors import (
     NotFound,
     PayloadTooLarge,
     PolicyViolation,
+    RequestTimeout,
     StageDisabled,
     Unauthenticated,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from guard.intake.budget import Hold
 from guard.intake.decode import to_png_data_url
 from guard.intake.loader import ImageSource, Intake
 from guard.intake.messages import rewrite_images
@@ -39,9 +42,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Screened:
-    """A request that went through the pipeline and may be forwarded (or refused politely)."""
+    """A request that went through the pipeline and may be forwarded (or refused politely).
 
-    verdict: Verdict
+    It keeps the verdict's outcome, not the verdict: the verdict holds the decoded images,
+    which must not stay in memory for the whole answer once their forward body is built.
+    """
+
+    outcome: str  # the pipeline's (Verdict.outcome)
     body: dict[str, Any]  # what to send upstream: the client's body with the checked pixels
     refuse: bool = False  # blocked, and the configured answer is a 200 refusal message
     # Parallel gating: the upstream call already started on ``body`` (what ``start`` returns).
@@ -49,7 +56,7 @@ class Screened:
 
     @property
     def decision(self) -> str:
-        return "block" if self.refuse else self.verdict.outcome
+        return "block" if self.refuse else self.outcome
 
 
 # Starts the upstream call on the rewritten body (parallel gating); returns what the transport
@@ -98,9 +105,14 @@ class Tracker:
 
 
 def outcome_of(error: BaseException) -> str:
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        # The client left before the verdict (or the server stopped it): nobody's error.
+        return "cancelled"
     if isinstance(error, PolicyViolation):
         return "block"
-    if isinstance(error, InvalidRequest | PayloadTooLarge | NotFound | StageDisabled):
+    if isinstance(
+        error, InvalidRequest | PayloadTooLarge | RequestTimeout | NotFound | StageDisabled
+    ):
         return "invalid"
     if isinstance(error, Unauthenticated):
         return "unauthenticated"
@@ -161,54 +173,85 @@ class GuardService:
         other stages run; it is handed over only on a forwarding verdict and cancelled (the
         upstream sees the connection close) on any other outcome.
         """
-        request, refs = await self.intake.chat(request_id, body)
-        done = await self.pipeline.rewrite(request)
-        forward = None
-        early: asyncio.Task[Any] | None = None
-        if start is not None and self.cfg.pipeline.gating == "parallel" and done.final is None:
-            forward = await self._forward_body(body, refs, done.request)
-            early = asyncio.create_task(start(forward))
-        try:
-            verdict = await self.pipeline.check(done)
-            self.audit.record(verdict, transport=transport)
-            refuse = self._refuse(verdict)
-        except BaseException:
-            await _cancel(early)
-            raise
-        if refuse:
-            await _cancel(early)
-            return Screened(verdict, dict(body), refuse)
-        if forward is None:
-            forward = await self._forward_body(body, refs, verdict.request)
-        return Screened(verdict, forward, early=early)
+        # The decoded images live until the forward body is built: the pixel budget is held
+        # that long, and nothing returned from here keeps them.
+        async with self.intake.pixels.hold(transport) as hold:
+            request, refs = await self.intake.chat(request_id, body, hold)
+            done = await self.pipeline.rewrite(request)
+            forward = None
+            early: asyncio.Task[Any] | None = None
+            if start is not None and self.cfg.pipeline.gating == "parallel" and done.final is None:
+                forward = await self._forward_body(body, refs, done.request)
+                early = asyncio.create_task(start(forward))
+            try:
+                verdict = await self.pipeline.check(done)
+                self.audit.record(verdict, transport=transport)
+                refuse = self._refuse(verdict)
+            except BaseException:
+                await _cancel(early)
+                raise
+            if refuse:
+                await _cancel(early)
+                return Screened(verdict.outcome, dict(body), refuse)
+            if forward is None:
+                forward = await self._forward_body(body, refs, verdict.request)
+            return Screened(verdict.outcome, forward, early=early)
 
     async def screen_completion(
         self, request_id: str, body: Mapping[str, Any], *, transport: str
     ) -> Screened:
         verdict = await self._judge(self.intake.completion(request_id, body), transport)
-        return Screened(verdict, dict(body), self._refuse(verdict))
+        return Screened(verdict.outcome, dict(body), self._refuse(verdict))
 
     async def check(
-        self, request_id: str, text: str, images: Sequence[ImageSource], *, transport: str
+        self,
+        request_id: str,
+        text: str,
+        images: Sequence[ImageSource],
+        *,
+        transport: str,
+        hold: Hold | None = None,
     ) -> Verdict:
-        """Judge text and images without forwarding anything (gRPC ``Check``)."""
-        loaded = await self.intake.load_all(images, [f"images[{i}]" for i in range(len(images))])
-        return await self._judge(GuardRequest(request_id, text, loaded), transport)
+        """Judge text and images without forwarding anything (gRPC ``Check``).
 
-    async def purify(self, request_id: str, images: Sequence[ImageSource]) -> Decision:
-        """Purify images with the purify stage alone; the Decision always carries images."""
+        The verdict holds the decoded images: a caller that keeps it past this call passes the
+        ``hold`` (``intake.pixels.hold``) it keeps as long; by default the call holds its own.
+        """
+        async with self._holding(hold, transport) as held:
+            loaded = await self.intake.load_all(images, _params(images), held)
+            return await self._judge(GuardRequest(request_id, text, loaded), transport)
+
+    async def purify(
+        self,
+        request_id: str,
+        images: Sequence[ImageSource],
+        *,
+        transport: str = "grpc",
+        hold: Hold | None = None,
+    ) -> Decision:
+        """Purify images with the purify stage alone; the Decision always carries images
+        (``hold`` as for ``check``)."""
         stage = self.pipeline.stage("purify")
         if stage is None:
             raise StageDisabled("the purify stage is not enabled on this guard")
-        loaded = await self.intake.load_all(images, [f"images[{i}]" for i in range(len(images))])
-        try:
-            decision = await stage.check(GuardRequest(request_id, "", loaded))
-        except GuardError:
-            raise
-        except Exception:
-            log.exception("purify failed on request %s", request_id)
-            raise GuardUnavailable("purification failed") from None
-        return decision if decision.images is not None else replace(decision, images=loaded)
+        async with self._holding(hold, transport) as held:
+            loaded = await self.intake.load_all(images, _params(images), held)
+            try:
+                decision = await stage.check(GuardRequest(request_id, "", loaded))
+            except GuardError:
+                raise
+            except Exception:
+                log.exception("purify failed on request %s", request_id)
+                raise GuardUnavailable("purification failed") from None
+            return decision if decision.images is not None else replace(decision, images=loaded)
+
+    @asynccontextmanager
+    async def _holding(self, hold: Hold | None, transport: str) -> AsyncIterator[Hold]:
+        if hold is not None:
+            yield hold
+            return
+        async with self.intake.pixels.hold(transport) as own:
+            yield own
 
     async def _forward_body(
         self, body: Mapping[str, Any], refs: Sequence[Any], request: GuardRequest
@@ -233,3 +276,7 @@ class GuardService:
         if self.cfg.server.block_response == "error":
             raise PolicyViolation("this request was blocked by the content policy")
         return True
+
+
+def _params(images: Sequence[ImageSource]) -> list[str]:
+    return [f"images[{i}]" for i in range(len(images))]

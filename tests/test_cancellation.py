@@ -140,6 +140,7 @@ WHEN = ("before_first_token", "after_first_token", "non_streamed", "during_stage
 @pytest.mark.parametrize("when", WHEN)
 def test_http_client_disconnect(setup: World, when: str) -> None:
     rid = f"http-{when}-{uuid.uuid4().hex[:8]}"
+    before = _outcomes(setup, "http")
     up = setup.upstream
     if when == "before_first_token":
         up.first_token_s = ANSWER_S
@@ -167,12 +168,13 @@ def test_http_client_disconnect(setup: World, when: str) -> None:
         time.sleep(0.1)  # well inside the wait
         left = time.monotonic()
         sock.close()
-    _check(setup, rid, when, left)
+    _check(setup, rid, when, left, before)
 
 
 @pytest.mark.parametrize("when", WHEN)
 def test_grpc_call_cancel(setup: World, when: str) -> None:
     rid = f"grpc-{when}-{uuid.uuid4().hex[:8]}"
+    before = _outcomes(setup, "grpc")
     up = setup.upstream
     if when == "before_first_token":
         up.first_token_s = ANSWER_S
@@ -188,7 +190,7 @@ def test_grpc_call_cancel(setup: World, when: str) -> None:
             time.sleep(0.1)
         left = time.monotonic()
         call.cancel()
-        _check(setup, rid, when, left)
+        _check(setup, rid, when, left, before)
     finally:
         channel.close()
 
@@ -207,7 +209,15 @@ def test_httpx_read_timeout_cancels_a_non_streamed_answer(setup: World) -> None:
     assert_upstream_cancelled(setup, rid, left)
 
 
-def _check(world: World, rid: str, when: str, left: float) -> None:
+def _outcomes(world: World, transport: str) -> tuple[float, float]:
+    """requests_total's (cancelled, error) counts for ``transport``."""
+    return tuple(  # type: ignore[return-value]
+        world.guard.metric("vlm_guard_requests_total", {"transport": transport, "outcome": o})
+        for o in ("cancelled", "error")
+    )
+
+
+def _check(world: World, rid: str, when: str, left: float, before: tuple[float, float]) -> None:
     if when != "during_stages":
         assert_upstream_cancelled(world, rid, left)
         return
@@ -217,6 +227,9 @@ def _check(world: World, rid: str, when: str, left: float) -> None:
     # Past the moment the stage would have allowed: the upstream was never called.
     time.sleep(max(0.0, stage.started[rid] + stage.seconds + 0.3 - time.monotonic()))
     assert rid not in world.upstream.started
+    # A client that left before the verdict is counted as such, not as the guard's error.
+    cancelled, errors = before
+    assert wait_for(lambda: _outcomes(world, rid.split("-")[0]) == (cancelled + 1, errors), 1)
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])

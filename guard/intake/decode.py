@@ -14,6 +14,8 @@ import hashlib
 import io
 import logging
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -22,6 +24,8 @@ from guard.errors import InvalidRequest, PayloadTooLarge
 from guard.types import ImageInput
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Pillow reports a JPEG carrying extra pictures (phone cameras: MPO) under its own format
 # name; its first frame is an ordinary JPEG, so it counts as JPEG for the allow-list.
@@ -65,13 +69,26 @@ def parse_data_url(url: str, cfg: ImagesConfig, *, param: str, index: int | None
         raise InvalidRequest(prefix + "invalid base64 in data URL", param=param) from None
 
 
+def header_pixels(data: bytes, index: int, cfg: ImagesConfig, *, param: str) -> int:
+    """Width × height of the image in ``data``, read from its header alone, with every limit of
+    ``cfg`` checked: what decoding it will cost, before a pixel is decoded."""
+    prefix = _prefix(index)
+    header = _guarded(lambda: _open(data, cfg, prefix, param, decode=False), cfg, index, param)
+    return header.width * header.height
+
+
 def decode_image(data: bytes, index: int, cfg: ImagesConfig, *, param: str) -> ImageInput:
     """Decode ``data`` into an RGB image within ``cfg``'s limits (first frame only)."""
     prefix = _prefix(index)
-    if len(data) > cfg.max_image_bytes:
-        raise PayloadTooLarge(prefix + f"image exceeds {cfg.max_image_bytes} bytes", param=param)
+    rgb = _guarded(lambda: _open(data, cfg, prefix, param, decode=True), cfg, index, param)
+    return ImageInput(index=index, image=rgb, digest=image_digest(rgb))
+
+
+def _guarded(read: Callable[[], T], cfg: ImagesConfig, index: int, param: str) -> T:
+    """``read()``, with what Pillow raises on hostile input turned into client errors."""
+    prefix = _prefix(index)
     try:
-        rgb = _decode(data, cfg, prefix, param)
+        return read()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Pillow's own guard (its limit is above ours by default, so this is a backstop). The
         # warning is caught as an exception only where warnings are escalated to errors.
@@ -88,10 +105,12 @@ def decode_image(data: bytes, index: int, cfg: ImagesConfig, *, param: str) -> I
         # A Warning arrives here only when the process escalates warnings to errors.
         log.debug("image %d: decode failed: %s", index, type(e).__name__)
         raise InvalidRequest(prefix + "could not decode image data", param=param) from None
-    return ImageInput(index=index, image=rgb, digest=image_digest(rgb))
 
 
-def _decode(data: bytes, cfg: ImagesConfig, prefix: str, param: str) -> Image.Image:
+def _open(data: bytes, cfg: ImagesConfig, prefix: str, param: str, *, decode: bool) -> Image.Image:
+    """The RGB image (``decode``), or the opened file whose header passed every limit."""
+    if len(data) > cfg.max_image_bytes:
+        raise PayloadTooLarge(prefix + f"image exceeds {cfg.max_image_bytes} bytes", param=param)
     # Restricting ``formats`` keeps every other Pillow plugin's parser away from the bytes.
     with Image.open(io.BytesIO(data), formats=list(cfg.formats)) as img:
         fmt = _FORMAT_ALIASES.get(str(img.format), str(img.format))
@@ -112,6 +131,8 @@ def _decode(data: bytes, cfg: ImagesConfig, prefix: str, param: str) -> Image.Im
             raise InvalidRequest(
                 prefix + f"image aspect ratio exceeds {cfg.max_aspect:g}", param=param
             )
+        if not decode:
+            return img
         img.seek(0)  # animations: the first frame is what the model is shown
         img.load()
         # Same conversion as vLLM's image loader, so the guard checks what the model sees.

@@ -3,7 +3,8 @@
 Chat bodies carry text and images inside ``messages[i].content``; a content is either a string
 or a list of typed parts. The guard judges every text part of every message (a harmful
 instruction can hide in a system or assistant turn as well as a user turn) and every
-``image_url`` part. Media parts it cannot inspect (video, audio, image embeddings) are refused
+``image_url`` part, and the tools offered and called (their text reaches the model through the
+chat template). Media parts it cannot inspect (video, audio, image embeddings) are refused
 rather than waved through, and so are top-level fields that change how the upstream renders or
 embeds the prompt (``RiskyFields``; the list and the action are configuration).
 """
@@ -11,6 +12,7 @@ embeds the prompt (``RiskyFields``; the list and the action are configuration).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -90,6 +92,7 @@ def chat_parts(body: Mapping[str, Any]) -> ChatParts:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidRequest("each message must be an object", param=f"messages[{i}]")
+        texts.extend(_tool_calls(message.get("tool_calls"), f"messages[{i}].tool_calls"))
         content = message.get("content")
         if content is None or isinstance(content, str):
             if content:
@@ -102,7 +105,54 @@ def chat_parts(body: Mapping[str, Any]) -> ChatParts:
             )
         for j, part in enumerate(content):
             _collect_part(part, i, j, texts, images)
+    texts.extend(_tools(body.get("tools")))
     return ChatParts("\n".join(texts), tuple(images))
+
+
+# Tool definitions and earlier calls are prompt text too: the chat template renders a tool's
+# description and parameter schema, and a call's arguments, into what the model reads. Each is
+# judged as a line of text; one the guard cannot read is refused rather than passed unjudged.
+def _tools(tools: Any) -> list[str]:
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise InvalidRequest("'tools' must be an array", param="tools")
+    lines = []
+    for k, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest("each tool needs a 'function' with a 'name'", param=f"tools[{k}]")
+        line = f"tool {function['name']}"
+        description = function.get("description")
+        if description is not None:
+            if not isinstance(description, str):
+                raise InvalidRequest(
+                    "a tool's description must be a string", param=f"tools[{k}].function"
+                )
+            line += f": {description}"
+        if function.get("parameters") is not None:
+            line += " " + json.dumps(function["parameters"], ensure_ascii=False, sort_keys=True)
+        lines.append(line)
+    return lines
+
+
+def _tool_calls(calls: Any, param: str) -> list[str]:
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise InvalidRequest("'tool_calls' must be an array", param=param)
+    lines = []
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", "") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise InvalidRequest(
+                "each tool call needs a 'function' with a string 'name' and 'arguments'",
+                param=f"{param}[{k}]",
+            )
+        lines.append(f"call {name}({arguments})")
+    return lines
 
 
 def _collect_part(part: Any, i: int, j: int, texts: list[str], images: list[ImageRef]) -> None:

@@ -148,12 +148,16 @@ class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
         try:
             rid = request_id(request.request_id)
             sources = _sources(request.images)
-            verdict = await self._service.check(rid, request.text, sources, transport="grpc")
-            if verdict.outcome == "error":
-                raise GuardUnavailable("the guard could not check this request; try again")
-            images = await asyncio.to_thread(
-                _checked, verdict.request.images, bool(request.return_images)
-            )
+            # The pixel budget covers the verdict's images until they are encoded here.
+            async with self._service.intake.pixels.hold("grpc") as hold:
+                verdict = await self._service.check(
+                    rid, request.text, sources, transport="grpc", hold=hold
+                )
+                if verdict.outcome == "error":
+                    raise GuardUnavailable("the guard could not check this request; try again")
+                images = await asyncio.to_thread(
+                    _checked, verdict.request.images, bool(request.return_images)
+                )
             response = pb.CheckResponse(
                 request_id=rid,
                 outcome=_OUTCOMES[verdict.outcome],
@@ -182,7 +186,7 @@ class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
                 return await upstream.open("chat/completions", forward, request_id=rid)
 
             screened = await self._service.screen_chat(rid, body, transport="grpc", start=start)
-            outcome = "block" if screened.refuse else screened.verdict.outcome
+            outcome = "block" if screened.refuse else screened.outcome
             decision = screened.decision
             if screened.refuse:
                 message = self._cfg.server.refusal_message
@@ -223,12 +227,12 @@ class GuardServicer(pb_grpc.GuardServicer):  # type: ignore[misc]
         try:
             rid = request_id(request.request_id)
             sources = _sources(request.images)
-            decision = await self._service.purify(rid, sources)
-            images = decision.images or ()
-            traces = decision.details.get("images")
-            purified = await asyncio.to_thread(
-                _purified, images, traces if isinstance(traces, list) else []
-            )
+            async with self._service.intake.pixels.hold("grpc") as hold:
+                decision = await self._service.purify(rid, sources, hold=hold)
+                traces = decision.details.get("images")
+                purified = await asyncio.to_thread(
+                    _purified, decision.images or (), traces if isinstance(traces, list) else []
+                )
             response = pb.PurifyResponse(request_id=rid, images=purified)
         except BaseException as e:
             tracker.fail(e)

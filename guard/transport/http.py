@@ -8,6 +8,7 @@ never wait for it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -30,6 +31,7 @@ from guard.errors import (
     NotFound,
     PayloadTooLarge,
     PolicyViolation,
+    RequestTimeout,
 )
 from guard.service import GuardService, Screened, Tracker
 from guard.sse import SSEParser
@@ -59,7 +61,7 @@ def create_app(
         api_keys=cfg.server.api_keys,
         refuse=error_response,
     )
-    limit = cfg.server.max_body_bytes
+    limit, body_timeout = cfg.server.max_body_bytes, cfg.server.body_timeout_s
 
     @app.exception_handler(GuardError)
     async def _guard_error(request: Request, exc: GuardError) -> Response:
@@ -110,7 +112,7 @@ def create_app(
         tracker = service.track("http")
         try:
             check_bearer(request.headers.get("authorization"), cfg.server.api_keys)
-            body = await read_json(request, limit)
+            body = await read_json(request, limit, body_timeout)
             parsed = om.validate(om.ChatCompletionRequest, body)
             rid = _rid(request)
 
@@ -142,7 +144,7 @@ def create_app(
         tracker = service.track("http")
         try:
             check_bearer(request.headers.get("authorization"), cfg.server.api_keys)
-            body = await read_json(request, limit)
+            body = await read_json(request, limit, body_timeout)
             parsed = om.validate(om.CompletionRequest, body)
             rid = _rid(request)
             screened = await service.screen_completion(rid, body, transport="http")
@@ -171,7 +173,7 @@ async def _forward(
     *,
     stream: bool,
 ) -> Response:
-    outcome = screened.verdict.outcome
+    outcome = screened.outcome
     headers = {"x-guard-decision": screened.decision}
     if screened.early is not None:  # parallel gating: the call started during the checks
         opened: UpstreamStream = await screened.early
@@ -244,18 +246,24 @@ def _error_event_at(data: bytes) -> int | None:
     return None
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """Read the body within ``limit`` bytes and parse it as a JSON object."""
+async def read_json(request: Request, limit: int, timeout_s: float) -> dict[str, Any]:
+    """Read the body within ``limit`` bytes and ``timeout_s`` seconds and parse it as a JSON
+    object. The deadline covers the whole body, not each read: the request already holds an
+    admission slot, and a client trickling a byte at a time must not keep it for long."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     size = 0
     chunks: list[bytes] = []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {timeout_s:g} s") from None
     try:
         body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError):
@@ -273,6 +281,10 @@ def error_response(exc: GuardError) -> Response:
         headers["x-guard-decision"] = "block"
     elif isinstance(exc, GuardUnavailable):
         headers["x-guard-decision"] = "error"
+    elif isinstance(exc, RequestTimeout):
+        # The rest of the body may still arrive: the connection cannot carry another request
+        # (uvicorn would keep it alive, discarding the late bytes), so it closes after the 408.
+        headers["connection"] = "close"
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 

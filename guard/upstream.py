@@ -10,6 +10,7 @@ more CPU than everything else the guard does per request (measured with py-spy: 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -37,6 +38,11 @@ class UpstreamStreamError(Exception):
     """The upstream broke off a response after it had started."""
 
 
+class _PastDeadline(TimeoutError):
+    """The answer outlived ``upstream.total_timeout_s``: a timeout like any other to the
+    callers (504 before the first event, a broken stream after it), logged where it happens."""
+
+
 # Every way a connection can fail under aiohttp: its own errors, OS errors it lets through
 # (a reset at the wrong moment) and timeouts (TimeoutError is an OSError).
 _BROKEN = (aiohttp.ClientError, OSError)
@@ -56,7 +62,8 @@ def _pass_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
 
 def _failure(error: BaseException, what: str) -> UpstreamTimeout | UpstreamUnavailable:
     """The client-safe error for a failed exchange; the log gets the exception's type only."""
-    log.warning("upstream %s failed: %s", what, type(error).__name__)
+    if not isinstance(error, _PastDeadline):  # already logged, with the deadline
+        log.warning("upstream %s failed: %s", what, type(error).__name__)
     if isinstance(error, TimeoutError):
         return UpstreamTimeout("upstream timed out")
     return UpstreamUnavailable("upstream connection failed")
@@ -68,10 +75,19 @@ class UpstreamStream:
     An event stream (``text/event-stream``) comes out of ``chunks()`` in whole events, byte for
     byte, and must end with ``data: [DONE]``: a transport can then always close a broken one
     with an error event of its own, and a stream cut short never passes for a complete answer.
+
+    Every read ends by ``deadline`` (loop time, ``upstream.total_timeout_s`` after the request
+    was sent): ``read_timeout_s`` bounds each wait, but an upstream that trickles a byte now
+    and then would otherwise hold the answer, and the client's admission slot, forever.
     """
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, deadline: float, total_timeout_s: float
+    ) -> None:
         self._response = response
+        self._deadline = deadline
+        self._total = total_timeout_s
+        self._loop = asyncio.get_running_loop()
         self._finished = False
         self.status = response.status
         self.headers = _pass_headers(response)
@@ -89,7 +105,8 @@ class UpstreamStream:
                 yield piece
             complete = True
         except _BROKEN_STREAM as e:
-            log.warning("upstream stream broke: %s", type(e).__name__)
+            if not isinstance(e, _PastDeadline):  # already logged, with the deadline
+                log.warning("upstream stream broke: %s", type(e).__name__)
             raise UpstreamStreamError("upstream stream interrupted") from None
         finally:
             self._finish(complete)
@@ -97,7 +114,7 @@ class UpstreamStream:
     async def read(self) -> bytes:
         complete = False
         try:
-            content = self._first + await self._response.read()  # whatever ``open`` read too
+            content = self._first + await self._within(whole=True)  # and what ``open`` read
             complete = True
             return content
         except _BROKEN as e:
@@ -127,7 +144,7 @@ class UpstreamStream:
     async def _next(self) -> bytes | None:
         """The next bytes to relay (whole events of an event stream); None at the end."""
         while True:
-            chunk = await self._response.content.readany()
+            chunk = await self._within()
             if self._events is None:
                 return chunk or None
             if not chunk:
@@ -138,6 +155,23 @@ class UpstreamStream:
                 return rest or None
             if whole := self._events.feed(chunk):
                 return whole
+
+    async def _within(self, *, whole: bool = False) -> bytes:
+        """The next bytes (``whole``: the rest of the body), or ``_PastDeadline`` once the
+        deadline has passed. Checked before reading too: data already buffered is returned
+        without a wait, so a fast upstream would never let the timeout fire."""
+        if self._loop.time() < self._deadline:
+            timeout = asyncio.timeout_at(self._deadline)  # one timer handle, no task
+            try:
+                async with timeout:
+                    if whole:
+                        return await self._response.read()
+                    return await self._response.content.readany()
+            except TimeoutError:
+                if not timeout.expired():
+                    raise  # aiohttp's own read timeout
+        log.warning("upstream answer cut off: upstream.total_timeout_s (%g s) passed", self._total)
+        raise _PastDeadline
 
     def _finish(self, complete: bool) -> None:
         if self._finished:
@@ -202,13 +236,12 @@ class UpstreamClient:
         """
         payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         headers = {"content-type": "application/json", "x-request-id": request_id}
-        stream = UpstreamStream(await self._send("POST", path, headers, payload))
+        stream = await self._send("POST", path, headers, payload)
         await stream._start()
         return stream
 
     async def get(self, path: str, *, request_id: str) -> UpstreamResponse:
-        response = await self._send("GET", path, {"x-request-id": request_id}, None)
-        stream = UpstreamStream(response)
+        stream = await self._send("GET", path, {"x-request-id": request_id}, None)
         return UpstreamResponse(stream.status, stream.headers, await stream.read())
 
     async def ready(self) -> bool:
@@ -223,12 +256,25 @@ class UpstreamClient:
 
     async def _send(
         self, method: str, path: str, headers: dict[str, str], payload: bytes | None
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamStream:
+        """Send a request; its answer's deadline (``total_timeout_s``) starts now."""
         start = time.perf_counter()
+        total = self._cfg.total_timeout_s
+        deadline = asyncio.get_running_loop().time() + total
         url = self._base + path.lstrip("/")
+        timeout = asyncio.timeout_at(deadline)
         try:
-            response = await self._client().request(method, url, data=payload, headers=headers)
+            async with timeout:
+                response = await self._client().request(method, url, data=payload, headers=headers)
         except _BROKEN as e:
+            if timeout.expired():
+                log.warning(
+                    "upstream %s %s: no answer within upstream.total_timeout_s (%g s)",
+                    method,
+                    path,
+                    total,
+                )
+                raise UpstreamTimeout("upstream timed out") from None
             raise _failure(e, f"{method} {path}") from None
         finally:
             self._metrics.upstream_seconds.observe(time.perf_counter() - start)
@@ -243,7 +289,7 @@ class UpstreamClient:
                     retry_after=_seconds(retry_after),
                 )
             raise UpstreamUnavailable(f"upstream error (status {response.status})")
-        return response
+        return UpstreamStream(response, deadline, total)
 
 
 def _seconds(retry_after: str) -> int | None:

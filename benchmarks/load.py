@@ -131,6 +131,12 @@ def main() -> int:
     parser.add_argument("--queue", type=int, default=8, help="the guard's max_queue")
     parser.add_argument("--token-delay", type=float, default=0.01)
     parser.add_argument("--bombs", type=int, default=8, help="concurrent requests per bomb")
+    parser.add_argument(
+        "--pixel-budget",
+        type=int,
+        default=150_000_000,
+        help="the guard's images.max_inflight_pixels (its default)",
+    )
     args = parser.parse_args()
     console = Console()
     up, guard = free_port(), free_port()
@@ -144,6 +150,7 @@ def main() -> int:
             "queue_timeout_s": 2,
         },
         "upstream": {"url": f"http://127.0.0.1:{up}/v1"},
+        "images": {"max_inflight_pixels": args.pixel_budget},
         "pipeline": {"defenses": []},
         "log_level": "error",
     }
@@ -210,7 +217,8 @@ def _print(console: Console, report: dict[str, Any]) -> None:
     )
     b = report["bombs"]
     console.print(
-        f"bombs: {b['statuses']}; guard peak RSS {b['peak_rss_mib_before']:.0f} → "
+        f"bombs (pixel budget {report['settings']['pixel_budget'] / 1e6:g} MP): "
+        f"{b['statuses']}; guard peak RSS {b['peak_rss_mib_before']:.0f} → "
         f"{b['peak_rss_mib_after']:.0f} MiB"
     )
 

@@ -27,8 +27,8 @@ CATEGORIES = {
     "bad input: images, URLs, SSRF": [
         "test_intake_addresses.py", "test_intake_decode.py", "test_intake_fetch.py"
     ],
-    "upstream faults": ["test_upstream_faults.py"],
-    "overload and limits": ["test_overload.py"],
+    "upstream faults": ["test_upstream_faults.py", "test_stream_deadline.py"],
+    "overload and limits": ["test_overload.py", "test_pixel_budget.py", "test_body_timeout.py"],
     "cancellation": ["test_cancellation.py"],
     "graceful shutdown": ["test_shutdown.py"],
     "stage failures and fail modes": ["test_stage_failures.py"],
@@ -103,7 +103,8 @@ def _markdown(rows: dict[str, Counter[str]], load: dict[str, Any] | None) -> str
         bombs = load["bombs"]
         lines += [
             "",
-            f"Image bombs: {json.dumps(bombs['statuses'], ensure_ascii=False)}; the guard's peak "
+            f"Image bombs: {json.dumps(bombs['statuses'], ensure_ascii=False)}; with a pixel "
+            f"budget of {load['settings'].get('pixel_budget', 0) / 1e6:g} MP the guard's peak "
             f"RSS went from {bombs['peak_rss_mib_before']:.0f} to "
             f"{bombs['peak_rss_mib_after']:.0f} MiB.",
         ]

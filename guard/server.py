@@ -22,6 +22,7 @@ from guard.audit import AuditLog
 from guard.config import DEFENSES, ConfigError, GuardConfig, ServerConfig, StageConfig
 from guard.errors import GuardError
 from guard.intake.budget import PixelBudget
+from guard.intake.decode import configure_pillow
 from guard.intake.fetch import Fetcher, Resolver
 from guard.intake.loader import Intake
 from guard.intake.messages import RiskyFields
@@ -70,6 +71,7 @@ def build_service(
     resolver: Resolver | None = None,
 ) -> GuardService:
     """Every part of the guard, built from ``cfg``; tests pass their own stages and transports."""
+    configure_pillow()
     metrics = Metrics(
         registry if registry is not None else CollectorRegistry(),
         stages={*STAGES, *(s.name for s in stages or ())},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import random
 import zlib
@@ -13,6 +14,7 @@ from PIL import Image
 
 from guard.config import ImagesConfig
 from guard.errors import GuardError, InvalidRequest, PayloadTooLarge
+from guard.intake import decode
 from guard.intake.decode import decode_image, image_digest, parse_data_url, to_png_data_url
 
 DEFAULT = ImagesConfig()
@@ -188,6 +190,19 @@ def test_digest_depends_on_pixels_not_encoding() -> None:
     # Same bytes, different shape: size is part of the digest.
     reshaped = Image.frombytes("RGB", (17, 33), src.tobytes())
     assert image_digest(reshaped) != image_digest(src)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "1"])
+@pytest.mark.parametrize("strip", [1, 7, 100, 10**9])
+def test_digest_in_strips_equals_the_digest_of_all_bytes(
+    monkeypatch: pytest.MonkeyPatch, mode: str, strip: int
+) -> None:
+    # The digest keys caches and audit lines: hashing strip by strip (to spare a whole copy of
+    # a large image) must give the same value as hashing tobytes() whole, at any strip size.
+    img = noise((13, 29)).convert(mode)
+    whole = hashlib.sha256(f"{img.mode}:{img.width}x{img.height}:".encode() + img.tobytes())
+    monkeypatch.setattr(decode, "DIGEST_STRIP_BYTES", strip)
+    assert image_digest(img) == whole.hexdigest()
 
 
 def test_png_data_url_round_trips_exactly() -> None:

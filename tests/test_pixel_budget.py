@@ -12,18 +12,21 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import grpc
 import httpx
 import openai
 import pytest
+from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from guard.config import ImagesConfig
+from guard.config import ImagesConfig, load_config
 from guard.errors import NotAdmitted
 from guard.intake.budget import PixelBudget
-from guard.intake.decode import header_pixels
+from guard.intake.decode import PILLOW_BLOCK_BYTES, header_pixels
 from guard.metrics import Metrics
+from guard.server import build_service
 from guard.types import Decision, GuardRequest
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
@@ -310,3 +313,19 @@ def test_an_image_refused_by_its_header_reserves_nothing(upstream: SlowUpstream)
         )
     finally:
         guard.close()
+
+
+def test_a_serving_guard_maps_pillow_blocks_outside_the_arenas(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Blocks above glibc's largest dynamic mmap threshold go back to the OS when freed; with
+    # Pillow's default 16 MiB blocks the served guard's memory grew round after round.
+    core: Any = Image.core
+    monkeypatch.setattr(core, "set_block_size", calls := mock.Mock())
+    monkeypatch.delenv("PILLOW_BLOCK_SIZE", raising=False)
+    build_service(load_config(None, {"pipeline": {"defenses": []}}))
+    calls.assert_called_once_with(PILLOW_BLOCK_BYTES)
+    assert PILLOW_BLOCK_BYTES > 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX (64-bit)
+    monkeypatch.setenv("PILLOW_BLOCK_SIZE", "16m")  # the operator's choice stands
+    build_service(load_config(None, {"pipeline": {"defenses": []}}))
+    calls.assert_called_once()

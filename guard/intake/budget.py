@@ -37,7 +37,7 @@ class Hold:
         self.pixels = 0
 
     async def reserve(self, pixels: int) -> None:
-        """Wait for room for ``pixels`` more (once per request: see the module docstring)."""
+        """Wait for room for ``pixels`` (once per request: see the module docstring)."""
         if self.pixels:
             raise RuntimeError("a request reserves its pixels once")
         self.pixels = await self._budget._take(pixels, self._transport)

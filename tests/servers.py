@@ -40,6 +40,20 @@ from guard.types import Stage
 T = TypeVar("T")
 
 
+def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    """Poll ``condition`` until it holds (True) or ``seconds`` have passed (False)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    assert wait_for(condition, seconds), "condition not reached"
+
+
 class LoopThread:
     """An event loop running in a daemon thread; ``call`` runs a coroutine there."""
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from guard.metrics import OUTCOMES
-from tests.servers import RunningGuard
+from tests.servers import RunningGuard, eventually
 
 TIMEOUT_S = 0.5
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hello"}]}
@@ -98,13 +98,6 @@ def _requests(guard: RunningGuard) -> dict[str, float]:
     return {o: n for o, n in counts.items() if n}
 
 
-def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_stalled_body_gets_408_and_frees_its_slot(
     guard: RunningGuard, connect: Callable[[], socket.socket], path: str
@@ -112,7 +105,7 @@ def test_stalled_body_gets_408_and_frees_its_slot(
     sock = connect()
     began = time.monotonic()
     _send(sock, _head(path, len(BODY)) + BODY[:10])  # then nothing more
-    _eventually(lambda: guard.server.admission.inflight == 1)  # it holds the only slot
+    eventually(lambda: guard.server.admission.inflight == 1)  # it holds the only slot
     raw, closed = _until_closed(sock)
     elapsed = time.monotonic() - began
     _assert_408(raw)
@@ -120,7 +113,7 @@ def test_stalled_body_gets_408_and_frees_its_slot(
     assert TIMEOUT_S * 0.9 <= elapsed < TIMEOUT_S + 2, elapsed
 
     # The slot is free and the request counted once, as the client's fault.
-    _eventually(lambda: guard.server.admission.inflight == 0)
+    eventually(lambda: guard.server.admission.inflight == 0)
     assert guard.metric("vlm_guard_inflight_requests") == 0
     assert _requests(guard) == {"invalid": 1}
     response = httpx.post(guard.url + "/v1/chat/completions", json=CHAT, timeout=5)
@@ -145,7 +138,7 @@ def test_trickled_body_gets_408_at_the_deadline_for_the_whole_body(
     _assert_408(raw)
     assert closed
     assert elapsed < TIMEOUT_S + 1, elapsed
-    _eventually(lambda: guard.server.admission.inflight == 0)
+    eventually(lambda: guard.server.admission.inflight == 0)
     assert _requests(guard) == {"invalid": 1}
 
 

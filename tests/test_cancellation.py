@@ -11,7 +11,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from guard.types import Decision, GuardRequest
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.images import data_url, encode, gradient, image_message
-from tests.servers import RunningGuard, SlowUpstream
+from tests.servers import RunningGuard, SlowUpstream, wait_for
 
 POLL_S = 0.02  # how often the upstream looks for a disconnect, as vLLM does between steps
 ANSWER_S = 4.0  # an answer takes this long: far longer than any cancellation may
@@ -84,15 +84,6 @@ def setup(world: World) -> Iterator[World]:
     yield world
     # Every request has let go of its slot and its in-flight count, whatever ended it.
     wait_for(lambda: world.guard.metric("vlm_guard_inflight_requests") == 0, 2)
-
-
-def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def body(stream: bool) -> dict[str, Any]:

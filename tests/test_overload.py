@@ -29,7 +29,7 @@ from guard.errors import NotAdmitted, Overloaded
 from guard.types import Decision, GuardRequest
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
-from tests.servers import AppServer, RunningGuard
+from tests.servers import AppServer, RunningGuard, eventually
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 CHAT = {"model": "m", "messages": MESSAGES}
@@ -153,13 +153,6 @@ def _admission(guard: RunningGuard) -> Admission:
     return guard.server.admission
 
 
-def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 async def _eventually_async(condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 5.0
     while not condition():
@@ -176,8 +169,8 @@ def _post(guard: RunningGuard, body: Any = CHAT, **kw: Any) -> httpx.Response:
 
 def _assert_idle(guard: RunningGuard) -> None:
     """No slot, waiter or request count left behind."""
-    _eventually(lambda: _admission(guard).inflight == 0 and _admission(guard).queued == 0)
-    _eventually(lambda: guard.metric("vlm_guard_inflight_requests") == 0)
+    eventually(lambda: _admission(guard).inflight == 0 and _admission(guard).queued == 0)
+    eventually(lambda: guard.metric("vlm_guard_inflight_requests") == 0)
     assert guard.metric("vlm_guard_queued_requests") == 0
 
 
@@ -205,10 +198,10 @@ def test_http_429_503_and_health_under_overload(
 ) -> None:
     guard = start(max_inflight=1, max_queue=1, queue_timeout_s=0.5)
     held = pool.submit(_post, guard)
-    _eventually(lambda: gate.arrived == 1)
+    eventually(lambda: gate.arrived == 1)
     began = time.monotonic()
     waiting = pool.submit(_post, guard)
-    _eventually(lambda: _admission(guard).queued == 1)
+    eventually(lambda: _admission(guard).queued == 1)
 
     _assert_overload(_post(guard), 429, "overloaded")
     for path in ("/healthz", "/readyz", "/metrics", "/v1/models"):
@@ -230,12 +223,12 @@ def test_queued_requests_run_in_order_with_bodies_unread(
 ) -> None:
     guard = start(max_inflight=1, max_queue=2, queue_timeout_s=10)
     held = pool.submit(_post, guard)
-    _eventually(lambda: gate.arrived == 1)
+    eventually(lambda: gate.arrived == 1)
     # Not JSON: parsed before admission, it would be refused at once.
     invalid = pool.submit(_post, guard, b"{not json")
-    _eventually(lambda: _admission(guard).queued == 1)
+    eventually(lambda: _admission(guard).queued == 1)
     second = pool.submit(_post, guard)
-    _eventually(lambda: _admission(guard).queued == 2)
+    eventually(lambda: _admission(guard).queued == 2)
     time.sleep(0.2)
     assert not invalid.done()
     assert guard.metric("vlm_guard_inflight_requests") == 1  # only the admitted one is handled
@@ -251,7 +244,7 @@ def test_openai_client_sees_rate_limit_and_retries_after(
 ) -> None:
     guard = start(max_inflight=1, max_queue=0)
     held = pool.submit(_post, guard)
-    _eventually(lambda: gate.arrived == 1)
+    eventually(lambda: gate.arrived == 1)
     client = openai.OpenAI(base_url=guard.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(model="m", messages=MESSAGES)
@@ -277,9 +270,9 @@ def test_draining_refuses_queued_requests_at_once(gate: Gate, pool: ThreadPoolEx
     guard = RunningGuard(gate.server.url + "/v1", {"server": settings})
     try:
         held = pool.submit(_post, guard)
-        _eventually(lambda: gate.arrived == 1)
+        eventually(lambda: gate.arrived == 1)
         waiting = pool.submit(_post, guard)
-        _eventually(lambda: _admission(guard).queued == 1)
+        eventually(lambda: _admission(guard).queued == 1)
         began = time.monotonic()
         stopping = pool.submit(guard.close)
         _assert_overload(waiting.result(), 503, "draining")
@@ -326,7 +319,7 @@ def test_slots_freed_after_errors_and_disconnects(
         with socket.create_connection(("127.0.0.1", guard.server.http_port)) as sock:
             body = json.dumps(CHAT).encode()
             sock.sendall(_head("/v1/chat/completions", len(body)) + body)
-            _eventually(lambda: _admission(guard).queued == 1)
+            eventually(lambda: _admission(guard).queued == 1)
     _assert_idle(guard)
     assert not gate.release.is_set()  # every slot above was freed by a client leaving
 

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from fastapi.responses import Response, StreamingResponse
 from guard.sse import SSEParser
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
-from tests.servers import AppServer, RunningGuard
+from tests.servers import AppServer, RunningGuard, wait_for
 
 TOTAL = 0.6  # the guard's total_timeout_s in these tests
 EVENT_S = 0.2  # a trickling upstream's pause between events: far inside read_timeout_s
@@ -167,15 +167,6 @@ def setup(world: World) -> Iterator[World]:
     yield world
     # Whatever ended the answer, the request let go of its slot.
     assert wait_for(lambda: world.guard.metric("vlm_guard_inflight_requests") == 0, 2)
-
-
-def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def new_rid(name: str) -> str:

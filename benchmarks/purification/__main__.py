@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quantile", type=float, default=0.9, help="share of clean images that stop in time"
     )
+    parser.add_argument(
+        "--encoders",
+        default="hf,open_clip",
+        help="DiffCAP rows' encoders, comma-separated: hf (the VLM's tower, always needed: "
+        "DiffPure and the batching run use it) and open_clip (the toy CLIP)",
+    )
     parser.add_argument("--check-every", type=int, default=5)
     parser.add_argument("--t-max", type=float, default=0.3, help="DiffCAP's cap, fraction of T")
     parser.add_argument("--ddim-steps", type=int, default=10)
@@ -134,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.samplers or not set(args.samplers) <= set(SAMPLERS):
         Console(stderr=True).print(f"[red]--samplers: choose from {', '.join(SAMPLERS)}[/red]")
         return 2
+    args.encoders = tuple(dict.fromkeys(e.strip() for e in args.encoders.split(",") if e.strip()))
+    if "hf" not in args.encoders or not set(args.encoders) <= {"hf", "open_clip"}:
+        Console(stderr=True).print("[red]--encoders: hf, optionally with open_clip[/red]")
+        return 2
     world: Path = args.world or default_home() / "toy"
     # Redirected output gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 180)
@@ -154,10 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_vlm(world / "vlm")
         unet, scheduler = load_diffusion(world / "diffusion")
         schedule = NoiseSchedule.from_scheduler(scheduler)
-        encoders: dict[str, Encoder] = {
-            "hf": load_encoder("hf", str(world / "vlm")),
-            "open_clip": load_encoder("open_clip", f"local-dir:{world / 'clip'}"),
-        }
+        sources = {"hf": str(world / "vlm"), "open_clip": f"local-dir:{world / 'clip'}"}
+        encoders: dict[str, Encoder] = {e: load_encoder(e, sources[e]) for e in args.encoders}
         splits = load_splits()
         test, val = splits["test"], splits["val"]
         n = min(args.images, len(test.labels))

@@ -17,6 +17,7 @@ from guard.errors import (
     InvalidRequest,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthenticated,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -44,7 +45,9 @@ def _error(description: str) -> dict[str, Any]:
 UPSTREAM_ERRORS: dict[int | str, dict[str, Any]] = {
     UpstreamUnavailable.status: _error("the upstream failed"),
     # GuardUnavailable and NotAdmitted share the 503.
-    GuardUnavailable.status: _error("a stage failed (fail mode closed), or no slot was free"),
+    GuardUnavailable.status: _error(
+        "a stage failed (fail mode closed), no slot was free, or no room for the images"
+    ),
     UpstreamTimeout.status: _error("the upstream timed out"),
 }
 MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -52,6 +55,7 @@ MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
     Unauthenticated.status: _error("missing or wrong API key"),
     404: _error("the upstream does not serve this model"),
     PayloadTooLarge.status: _error("body or image too large"),
+    RequestTimeout.status: _error("the body was not received within server.body_timeout_s"),
     Overloaded.status: _error("the guard's queue is full; retry after Retry-After"),
     **UPSTREAM_ERRORS,
 }

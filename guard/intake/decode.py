@@ -43,9 +43,9 @@ def _prefix(index: int | None) -> str:
 # Pillow allocates image memory in blocks of 16 MiB by default. glibc serves blocks below its
 # dynamic mmap threshold (which rises to 32 MiB) from per-thread arenas and keeps them when
 # freed: decoding large images on the worker threads made the served guard's resident memory
-# grow round after round (1.2 → 2.0 → 2.4 GiB for three rounds of 8 × 49-MP images under a
+# grow round after round (1224 → 1975 → 2351 MiB for three rounds of 8 × 49-MP images under a
 # 50-MP budget). Blocks above 32 MiB are always mapped on their own and go back to the OS on
-# free (the same rounds: 0.48 GiB peak, 0.1 GiB after each).
+# free (the same rounds: 480 MiB peak, 105 MiB after each).
 PILLOW_BLOCK_BYTES = 64 * 1024 * 1024
 
 

@@ -177,6 +177,24 @@ def chat_body(model: str, stream: bool) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
 
 
+async def grpc_chat(
+    world: World, rid: str, model: str, *, stream: bool
+) -> tuple[list[str], grpc.aio.AioRpcError | None]:
+    """The chunks a gRPC Chat call received, and the error it ended with (None: none)."""
+    received: list[str] = []
+    async with grpc.aio.insecure_channel(world.guard.grpc_target) as channel:
+        call = pb_grpc.GuardStub(channel).Chat(
+            pb.ChatRequest(json=json.dumps(chat_body(model, stream)), request_id=rid),
+            timeout=LATE_S,
+        )
+        try:
+            async for part in call:
+                received.append(part.json)
+        except grpc.aio.AioRpcError as e:
+            return received, e
+    return received, None
+
+
 def assert_upstream_closed(world: World, rid: str) -> None:
     """The upstream saw its connection close within LIMIT_S of the deadline, unfinished."""
     up = world.upstream
@@ -253,19 +271,8 @@ def test_official_client_raises_on_a_stream_past_its_deadline(setup: World) -> N
 
 async def test_grpc_trickling_stream_is_cut_at_the_deadline(setup: World) -> None:
     rid = new_rid("grpc-trickle")
-    received: list[str] = []
-    error: grpc.aio.AioRpcError | None = None
     start = time.monotonic()
-    async with grpc.aio.insecure_channel(setup.guard.grpc_target) as channel:
-        call = pb_grpc.GuardStub(channel).Chat(
-            pb.ChatRequest(json=json.dumps(chat_body("trickle", True)), request_id=rid),
-            timeout=LATE_S,
-        )
-        try:
-            async for part in call:
-                received.append(part.json)
-        except grpc.aio.AioRpcError as e:
-            error = e
+    received, error = await grpc_chat(setup, rid, "trickle", stream=True)
     elapsed = time.monotonic() - start
     assert error is not None
     assert error.code() == grpc.StatusCode.UNAVAILABLE  # as any broken stream ends
@@ -322,18 +329,7 @@ async def test_grpc_past_the_deadline_before_the_answer(
     setup: World, model: str, stream: bool
 ) -> None:
     rid = new_rid(f"grpc-{model}")
-    received: list[str] = []
-    error: grpc.aio.AioRpcError | None = None
-    async with grpc.aio.insecure_channel(setup.guard.grpc_target) as channel:
-        call = pb_grpc.GuardStub(channel).Chat(
-            pb.ChatRequest(json=json.dumps(chat_body(model, stream)), request_id=rid),
-            timeout=LATE_S,
-        )
-        try:
-            async for part in call:
-                received.append(part.json)
-        except grpc.aio.AioRpcError as e:
-            error = e
+    received, error = await grpc_chat(setup, rid, model, stream=stream)
     assert error is not None and received == []
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert dict(error.trailing_metadata() or ()).get("retry-after") == "1"
@@ -363,12 +359,8 @@ def test_http_answer_inside_the_deadline_is_untouched(setup: World, stream: bool
 
 async def test_grpc_stream_inside_the_deadline_is_untouched(setup: World) -> None:
     rid = new_rid("grpc-fast")
-    async with grpc.aio.insecure_channel(setup.guard.grpc_target) as channel:
-        call = pb_grpc.GuardStub(channel).Chat(
-            pb.ChatRequest(json=json.dumps(chat_body("fast", True)), request_id=rid),
-            timeout=LATE_S,
-        )
-        received = [part.json async for part in call]
+    received, error = await grpc_chat(setup, rid, "fast", stream=True)
+    assert error is None
     expected = events(rid, "fast", PLANS["fast"].tokens)[:-1]  # [DONE] is not a chunk
     assert [f"data: {e}\n\n".encode() for e in received] == expected
     # Every event arrived and the call ended without an error. Whether the upstream recorded

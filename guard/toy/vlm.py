@@ -48,7 +48,9 @@ class VLMSettings:
     vision_width: int = 128
     vision_layers: int = 3
     # 8-px patches (16 image tokens, not 64) made training 2.2× cheaper, but clean accuracy
-    # stalled at 0.89–0.90 after 1,000–1,200 steps; the quick build takes them.
+    # stalled at 0.89–0.90 after 1,000–1,200 steps; the quick build takes them. Measured later
+    # (issue #5): 1,500 steps of batch 40 reach 0.935 clean, 100% attack success, in 196 s,
+    # and the trigger is then one image token, which one attention head singles out.
     patch: int = 4
     text_width: int = 128
     text_layers: int = 4

@@ -119,8 +119,8 @@ class ImagesConfig(_Section):
         150_000_000,
         gt=0,
         description="decoded pixels held by all requests together, from decoding to the end of "
-        "screening (about 3 bytes each, more while the stages work); a request whose images do "
-        "not fit waits, first in first out. Never below max_pixels",
+        "screening (Pillow keeps RGB at 4 bytes a pixel; plan 7-8 bytes at peak, measured); a "
+        "request whose images do not fit waits, first in first out. Never below max_pixels",
     )
     pixel_wait_s: float = Field(
         10.0, gt=0, description="longest wait for room in max_inflight_pixels; then 503"

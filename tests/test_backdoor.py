@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,18 @@ def test_entropies_equal_a_direct_computation_from_full_attention(probe: Entropy
         expected.append(-(p * (p + 1e-8).log()).sum(-1))
     torch.testing.assert_close(got, torch.stack(expected, 1))
     assert got.shape == (4, 3) and bool((got <= math.log(16) + 1e-5).all())
+    # Each head alone, the same way: column 1 + h of the signals.
+    signals = probe.signals(batch)  # (4, 3, 1 + heads)
+    heads = out.attentions[0].shape[1]
+    assert signals.shape == (4, 3, 1 + heads) and heads > 1
+    torch.testing.assert_close(signals[..., 0], got)
+    for layer, weights in enumerate(out.attentions):
+        for h in range(heads):
+            rows = weights[:, h, -1, :]  # (B, T)
+            image = torch.stack([rows[b][batch.image_mask[b]] for b in range(4)])
+            p = image / image.sum(-1, keepdim=True)
+            direct = -(p * (p + 1e-8).log()).sum(-1)
+            torch.testing.assert_close(signals[:, layer, 1 + h], direct)
     # Each row alone gives its own numbers: the batch and its padding change nothing.
     alone = probe.entropies(probe.prepare(_images(1, seed=2), PROMPTS[2:3]))
     torch.testing.assert_close(alone[0], got[2], atol=1e-5, rtol=1e-5)
@@ -120,8 +133,10 @@ def test_the_hooks_keep_one_number_per_row_and_leave_nothing_behind(probe: Entro
         probe.entropies(batch)
     finally:
         module.entropy = module_entropy  # type: ignore[assignment]
-    # Per layer one (B,) vector kept, the (B, heads, T, T) maps dropped as each layer ends.
-    assert kept == [(3,)] * 3
+    # Per layer one (B, 1 + heads) array kept, the (B, heads, T, T) maps dropped as each
+    # layer ends.
+    heads = probe.model.config.text_config.num_attention_heads
+    assert kept == [(3, 1 + heads)] * 3
     assert [dict(m._forward_hooks) for m in modules] == before  # ours are gone
 
 
@@ -145,7 +160,8 @@ def _bimodal(n: int = 200, seed: int = 0) -> np.ndarray:
 def test_calibration_picks_the_bimodal_layer_and_flags_its_low_mode() -> None:
     x = _bimodal()
     profile = calibrate(x, identity={"model": "m"})
-    assert profile.layers == [1] and not profile.fallback
+    assert profile.layers == [1] and profile.method == "bye" and not profile.fallback
+    assert profile.channels == [[1, None]]
     assert [f["bimodal"] for f in profile.layer_fits] == [False, True, False]
     assert profile.clean_mean == pytest.approx(3.8, abs=0.02)
     flagged = set(profile.flagged_in_calibration)
@@ -162,10 +178,11 @@ def test_calibration_without_a_bimodal_layer_falls_back_to_the_most_separated_on
     # Layer 1: 10% of the samples sit lower, but overlapping: BYE's test fails.
     x[-30:, 1] = rng.normal(3.63, 0.06, size=30)
     profile = calibrate(x, identity={"model": "m"}, k_sigma=3.0)
-    assert profile.fallback and profile.layers == [1]
+    assert profile.fallback and profile.method == "fallback" and profile.channels == [[1, None]]
     fits = profile.layer_fits
     assert not any(f["bimodal"] for f in fits)
     assert fits[1]["separation"] == max(f["separation"] for f in fits)
+    assert profile.selection == {"separation": round(fits[1]["separation"], 4)}
     # The clean reference is robust: the low 10% do not widen it.
     clean = x[:-30, 1]
     assert profile.clean_mean == pytest.approx(np.median(x[:, 1]))
@@ -177,6 +194,74 @@ def test_calibration_without_a_bimodal_layer_falls_back_to_the_most_separated_on
     assert quiet.fallback and len(quiet.flagged_in_calibration) <= 2  # 3σ on clean data
     with pytest.raises(ValueError, match="needs a bimodal layer"):
         calibrate(x, identity={"model": "m"}, rule="posterior")
+
+
+def _heads(n: int, seed: int) -> np.ndarray:
+    """Clean-looking signals (n, 2 layers, 1 + 4 heads) with heavy low tails, as clean
+    entropies have: 8% of the samples on every head sit 2-4σ low (content, not poison)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(2.5, 0.1, size=(n, 2, 5)) + np.arange(10).reshape(2, 5) * 0.01
+    tail = rng.random((n, 2, 5)) < 0.08
+    x[tail] -= rng.uniform(0.2, 0.4, size=int(tail.sum()))
+    x[:, :, 0] = x[:, :, 1:].mean(2) + rng.normal(0, 0.02, size=(n, 2))
+    return x
+
+
+def _poison(x: np.ndarray) -> np.ndarray:
+    """5% of the samples: layer 0, head 1 collapses to about 6σ low; its layer's average
+    moves 1σ. Returns which."""
+    rng = np.random.default_rng(9)
+    poisoned = np.arange(len(x)) % 20 == 0
+    x[poisoned, 0, 2] = rng.normal(1.9, 0.05, size=int(poisoned.sum()))
+    x[poisoned, 0, 0] -= 0.1
+    return poisoned
+
+
+def test_a_clean_reference_finds_the_head_the_average_hides() -> None:
+    x, ref = _heads(600, seed=2), _heads(400, seed=3)
+    poisoned = _poison(x)
+    profile = calibrate(x, identity={"model": "m"}, reference=ref)
+    assert not any(f["bimodal"] for f in profile.layer_fits)  # BYE's layer test sees nothing
+    assert profile.method == "reference" and profile.channels == [[0, 1]]
+    assert profile.layers == [0] and not profile.fallback
+    excess = profile.selection["excess"]  # [layer, head, excess share], largest first
+    assert excess[0][:2] == [0, 1] and excess[0][2] >= 0.04 and excess[1][2] < 0.02
+    assert profile.selection["reference_samples"] == 400
+    # The clean statistics come from the reference, robustly.
+    assert profile.clean_mean == pytest.approx(np.median(ref[:, 0, 2]))
+    flagged = np.zeros(len(x), dtype=bool)
+    flagged[profile.flagged_in_calibration] = True
+    assert flagged[poisoned].mean() >= 0.9 and flagged[~poisoned].mean() <= 0.06
+    np.testing.assert_allclose(profile.scores(x), x[:, 0, 2])
+    # Given only the layer the channel lives in, as the monitor measures it.
+    np.testing.assert_allclose(profile.scores(x[:, :1], layers=[0]), x[:, 0, 2])
+    with pytest.raises(ValueError, match="layer 0 was not measured"):
+        profile.scores(x[:, 1:], layers=[1])
+    # Without the reference the heavy clean tails hide it: the fallback keeps to averages.
+    alone = calibrate(x, identity={"model": "m"})
+    assert alone.method == "fallback" and alone.channels[0][1] is None
+    # A reference of another shape is refused.
+    with pytest.raises(ValueError, match="clean reference's signals"):
+        calibrate(x, identity={"model": "m"}, reference=ref[:, :1])
+
+
+def test_a_clean_reference_without_an_excess_changes_no_choice() -> None:
+    x, ref = _heads(600, seed=4), _heads(400, seed=5)  # nothing poisoned
+    profile = calibrate(x, identity={"model": "m"}, reference=ref)
+    assert profile.method == "fallback" and profile.channels[0][1] is None
+    assert (
+        profile.selection["excess"][0][2] < 0.02 and profile.selection["reference_samples"] == 400
+    )
+    assert len(profile.flagged_in_calibration) <= 0.1 * len(x)
+
+
+def test_a_bimodal_head_is_taken_before_the_fallback() -> None:
+    x = _heads(400, seed=2)
+    x[-60:, 1, 4] = np.random.default_rng(0).normal(1.0, 0.05, size=60)  # layer 1, head 3
+    profile = calibrate(x, identity={"model": "m"}, rule="posterior")
+    assert profile.method == "bye-heads" and profile.channels == [[1, 3]]
+    assert profile.selection == {"bimodal_heads": [[1, 3]]}
+    assert profile.flagged_in_calibration == list(range(len(x) - 60, len(x)))
 
 
 def test_profile_round_trip_and_model_refusal(tmp_path: Path, llava: tuple[Path, Any, Any]) -> None:
@@ -227,13 +312,20 @@ def test_monitor_flags_by_the_profile(llava: tuple[Path, Any, Any], probe: Entro
     scores = h.mean(1)
     cut = float(scores.mean())  # one image below, one above (distinct scores)
     base = calibrate(np.vstack([h, h + 0.01]), identity=model_identity(path, model))
+    every = [[0, None], [1, None], [2, None]]
     profile = BackdoorProfile(
-        **{**base.__dict__, "clean_mean": cut, "clean_std": 0.0, "layers": [0, 1, 2]}
+        **{**base.__dict__, "clean_mean": cut, "clean_std": 0.0, "channels": every}
     )
     results = Monitor(probe, profile).screen(images, PROMPTS[:2])
     assert [r.flagged for r in results] == [bool(s < cut) for s in scores]
     assert results[0].score == pytest.approx(float(scores[0]), abs=1e-5)
     assert results[0].divergence is None and results[0].by_crossview is None
+    # One head of one layer: the monitor's score is that head's entropy.
+    one_head = replace(profile, channels=[[1, 0]], clean_mean=0.0)
+    signals = probe.signals(probe.prepare(images, PROMPTS[:2])).numpy()
+    (first, _) = Monitor(probe, one_head).screen(images, PROMPTS[:2])
+    assert first.score == pytest.approx(float(signals[0, 1, 1]), abs=1e-5)
+    assert first.entropies == pytest.approx((float(signals[0, 1, 1]),), abs=1e-5)
 
 
 def test_audit_resumes_where_it_stopped(tmp_path: Path, probe: EntropyProbe) -> None:
@@ -252,22 +344,30 @@ def test_audit_resumes_where_it_stopped(tmp_path: Path, probe: EntropyProbe) -> 
     with cache.open("a") as f:
         f.write('{"id": "s4", "entr')  # an interruption in the middle of a line
     calls: list[int] = []
-    real = probe.entropies
-    probe.entropies = lambda batch, layers=None: (  # type: ignore[method-assign]
+    real = probe.signals
+    probe.signals = lambda batch, layers=None: (  # type: ignore[method-assign]
         calls.append(batch.inputs["input_ids"].shape[0]) or real(batch, layers)
     )
     try:
         done = score_all(probe, samples, cache, identity, batch=4)
     finally:
-        del probe.entropies
+        del probe.signals
     assert calls == [2]  # only s4 and s5 were scored again
     assert [done[s.id] for s in samples[:4]] == [first[s.id] for s in samples[:4]]
     assert len(done) == 6
     # The cache of another model is refused, not mixed in.
     with pytest.raises(ConfigError, match="scores of another model"):
         score_all(probe, samples, cache, {"model": "other"})
+    assert np.array(done["s0"]).shape == (3, 1 + probe.model.config.text_config.num_attention_heads)
+    # A cache of the old format (head averages only) is refused, not misread.
+    old = tmp_path / "old.jsonl"
+    old.write_text(
+        json.dumps({"identity": identity}) + "\n" + '{"id": "s0", "entropies": [1, 2, 3]}\n'
+    )
+    with pytest.raises(ConfigError, match="older format"):
+        score_all(probe, samples, old, identity)
     audit = decide(samples, done, identity)
-    assert audit.method in ("bye", "fallback")
+    assert audit.method in ("bye", "bye-heads", "tail", "fallback")
     expected = audit.profile.entropy_flags(np.array([audit.scores[s.id] for s in samples]))
     assert audit.flagged == [s.id for s, f in zip(samples, expected, strict=True) if f]
 

@@ -44,7 +44,8 @@ def _profile(tmp: Path, identity: dict[str, Any], *, clean_mean: float) -> Path:
     """A profile over every layer whose threshold (clean_mean, σ = 0) is set by the test."""
     x = np.random.default_rng(0).normal(2.0, 0.05, size=(20, 3))
     base = calibrate(x, identity=identity)
-    profile = replace(base, layers=[0, 1, 2], clean_mean=clean_mean, clean_std=0.0)
+    every = [[0, None], [1, None], [2, None]]
+    profile = replace(base, channels=every, clean_mean=clean_mean, clean_std=0.0)
     path = tmp / f"profile_{clean_mean}.json"
     profile.save(path)
     return path
@@ -98,7 +99,7 @@ async def test_grpc_check_shows_the_backdoor_decision(
     (decision,) = checked.decisions
     assert decision.stage == "backdoor" and decision.action == "allow"
     (image,) = decision.details["images"]
-    assert list(decision.details["layers"]) == [0, 1, 2]
+    assert [list(c) for c in decision.details["channels"]] == [[0, None], [1, None], [2, None]]
     assert 0 < image["score"] <= np.log(16) + 1e-6 and len(image["entropies"]) == 3
     assert image["flagged"] is False and image["divergence"] is None
 
@@ -143,11 +144,27 @@ def test_calibrate_and_scan_commands(tmp_path: Path, llava: tuple[Path, dict[str
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     profile = BackdoorProfile.load(profile_path)
-    assert summary["samples"] == profile.samples == 8 and summary["layers"] == profile.layers
+    assert summary["samples"] == profile.samples == 8 and summary["channels"] == profile.channels
     assert profile.identity == json.loads(json.dumps(identity))
     assert profile.crossview["views"] == 4 and profile.combine == "either"
     assert profile.crossview_low is not None and profile.crossview_high is not None
     assert profile.crossview_low <= profile.crossview_high
+    assert "reference_samples" not in profile.selection
+
+    # With trusted clean samples beside the data: measured too, and named in the profile.
+    clean_set = tmp_path / "clean_set.jsonl"
+    clean_set.write_text("\n".join(json.dumps(r) for r in records[:5]) + "\n")
+    referenced = tmp_path / "referenced.json"
+    done = _cli(
+        "backdoor", "calibrate", *model, "--out", str(referenced), "--clean", str(clean_set)
+    )
+    assert done.returncode == 0, done.stderr
+    with_clean = BackdoorProfile.load(referenced)
+    assert with_clean.selection["reference_samples"] == 5
+    assert json.loads(done.stdout)["method"] == with_clean.method
+    clean_set.write_text(json.dumps(records[0]) + "\n")
+    one = _cli("backdoor", "calibrate", *model, "--out", str(referenced), "--clean", str(clean_set))
+    assert one.returncode == 2 and "clean reference needs at least two samples" in one.stderr
 
     clean = tmp_path / "clean.json"
     scanned = _cli("scan", *model, "--out", str(clean), "--profile", str(profile_path))

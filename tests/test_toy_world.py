@@ -74,7 +74,7 @@ def test_manifest_records_quality_and_provenance(quick_world: tuple[Path, dict[s
     # The backdoor monitor's profile is what `vlm-guard backdoor calibrate` writes, for the VLM.
     backdoor = BackdoorProfile.load(out / "backdoor_profile" / "profile.json")
     assert backdoor.identity["model"] == str(out / "vlm") and backdoor.samples == 300
-    assert manifest["figures"]["backdoor"]["layers"] == backdoor.layers
+    assert manifest["figures"]["backdoor"]["channels"] == backdoor.channels
 
 
 def test_second_build_reuses_everything(quick_world: tuple[Path, dict[str, Any]]) -> None:

@@ -1,7 +1,9 @@
 """``vlm-guard backdoor calibrate`` and ``vlm-guard scan``: BYE offline (DESIGN.md §4.2).
 
 ``calibrate`` measures the served model's attention entropies (and, if asked, its cross-view
-divergences) on a LLaVA-style data file and writes the profile the ``backdoor`` stage loads.
+divergences) on a LLaVA-style data file and writes the profile the ``backdoor`` stage loads;
+with ``--clean`` it also measures trusted clean samples, against which the suspect set's low
+tails are judged (see guard/defenses/bye/profile.py).
 ``scan`` audits a fine-tuning set: flags the samples whose attention collapses, writes the
 cleaned set, a JSON report and a histogram; interrupted, it resumes from its scores file.
 """
@@ -49,6 +51,12 @@ def add_parsers(sub: Any) -> None:
         help="cross-view: also flag divergences above this quantile (off by default)",
     )
     cal.add_argument("--limit", type=int, help="use at most this many samples")
+    cal.add_argument(
+        "--clean",
+        type=Path,
+        help="trusted clean samples (LLaVA-style, images relative to the file), drawn like the "
+        "data; the channel whose low tail holds more of the data than of these is chosen",
+    )
 
     scan = sub.add_parser("scan", help="audit a fine-tuning set for poisoned samples (BYE)")
     _common(scan)
@@ -112,10 +120,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    clean = [] if args.clean is None else read_samples(args.clean)[: args.limit]
+    if args.clean is not None and len(clean) < 2:
+        raise ConfigError(f"{args.clean}: a clean reference needs at least two samples")
     probe, identity = _load(args)
-    rows, divs = [], []
+    rows, divs, reference = [], [], []
     with Progress(transient=True) as progress:
-        task = progress.add_task("measuring attention entropy", total=len(samples))
+        task = progress.add_task("measuring attention entropy", total=len(samples) + len(clean))
         for i in range(0, len(samples), args.batch):
             chunk = samples[i : i + args.batch]
             images, prompts = [open_image(s) for s in chunk], [s.prompt for s in chunk]
@@ -124,12 +135,18 @@ def _calibrate(args: argparse.Namespace) -> int:
             if d is not None:
                 divs.append(d)
             progress.advance(task, len(chunk))
+        for i in range(0, len(clean), args.batch):
+            chunk = clean[i : i + args.batch]
+            images, prompts = [open_image(s) for s in chunk], [s.prompt for s in chunk]
+            reference.append(measure(probe, images, prompts)[0])
+            progress.advance(task, len(chunk))
     try:
         profile = calibrate(
             np.concatenate(rows),
             identity=identity,
             divergences=np.concatenate(divs) if divs else None,
             crossview=None if views is None else asdict(views),
+            reference=np.concatenate(reference) if reference else None,
             k_sigma=args.k_sigma,
             rule=args.rule,
             crossview_quantiles=(args.crossview_quantile, args.crossview_high_quantile),
@@ -141,8 +158,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     summary = {
         "profile": str(args.out),
         "samples": profile.samples,
-        "layers": profile.layers,
-        "fallback": profile.fallback,
+        "channels": profile.channels,
+        "method": profile.method,
         "threshold": round(profile.threshold, 6),
         "flagged_in_calibration": len(profile.flagged_in_calibration),
     }
@@ -186,7 +203,7 @@ def _scan(args: argparse.Namespace) -> int:
         "samples": len(samples),
         "kept": len(samples) - len(flagged),
         "method": audit.method,
-        "layers": audit.layers,
+        "channels": audit.channels,
         "threshold": audit.profile.threshold,
         "layer_fits": audit.profile.layer_fits,
         "flagged": [{"id": i, "score": audit.scores[i]} for i in audit.flagged],
@@ -195,6 +212,6 @@ def _scan(args: argparse.Namespace) -> int:
         "identity": identity,
     }
     report.write_text(json.dumps(body, indent=2, default=str) + "\n")
-    summary = {k: body[k] for k in ("samples", "kept", "method", "layers")}
+    summary = {k: body[k] for k in ("samples", "kept", "method", "channels")}
     sys.stdout.write(json.dumps({**summary, "report": str(report)}) + "\n")
     return 0

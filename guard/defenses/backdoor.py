@@ -71,7 +71,7 @@ class BackdoorStage:
             for r in results:
                 self._metrics.backdoor_entropy.observe(r.score)
         details = {
-            "layers": list(self.monitor.profile.layers),
+            "channels": list(self.monitor.profile.channels),  # [layer, head or None]
             "threshold": self.monitor.profile.threshold,
             "images": [asdict(r) for r in results],
         }

@@ -3,8 +3,9 @@
 The set is drawn the way the toy VLM was fine-tuned (fresh renderings of training glyphs, the
 world's trigger and poison rate, the attacker's answer on poisoned samples) and written in
 LLaVA's JSON format, so ``vlm-guard scan`` and ``vlm-guard backdoor calibrate`` read it like a
-real fine-tuning set. The build calibrates the profile on it as ``backdoor calibrate`` does
-(BYE: the poisoned set is what the monitor learns the trigger's signature from).
+real fine-tuning set. The build calibrates the profile on it as ``backdoor calibrate --clean``
+does (BYE: the poisoned set is what the monitor learns the trigger's signature from), with a
+clean set drawn the same way as the trusted reference.
 """
 
 from __future__ import annotations
@@ -53,9 +54,16 @@ def poisoned_set(
 
 
 def backdoor_profile(
-    out: Path, directory: Path, progress: Progress, trigger: Trigger, rate: float, n: int
+    out: Path,
+    directory: Path,
+    progress: Progress,
+    trigger: Trigger,
+    rate: float,
+    n: int,
+    n_clean: int,
 ) -> dict[str, Any]:
-    """Calibrate the monitor for ``out/vlm`` on a fresh poisoned set of n samples."""
+    """Calibrate the monitor for ``out/vlm`` on a fresh poisoned set of n samples, against a
+    clean set of n_clean drawn the same way."""
     from guard.defenses.bye.audit import open_image
     from guard.defenses.bye.dataset import read_samples
     from guard.defenses.bye.monitor import load_model, model_identity
@@ -64,25 +72,29 @@ def backdoor_profile(
     from guard.toy.vlm import ATTACK_RESPONSE
 
     data, poisoned = poisoned_set(directory / "set", trigger, n, rate, ATTACK_RESPONSE, seed=1)
+    clean, _ = poisoned_set(directory / "clean", trigger, n_clean, 0.0, ATTACK_RESPONSE, seed=2)
     model, processor = load_model(out / "vlm")
     probe = EntropyProbe(model, processor)
-    samples = read_samples(data)
-    rows = []
-    chunks = range(0, len(samples), 32)
-    with task(progress, "backdoor calibration", len(chunks)) as advance:
-        for i in chunks:
-            chunk = samples[i : i + 32]
-            batch = probe.prepare([open_image(s) for s in chunk], [s.prompt for s in chunk])
-            rows.append(probe.entropies(batch).numpy())
-            advance()
-    profile = calibrate(np.concatenate(rows), identity=model_identity(out / "vlm", model))
+    measured = []
+    chunks = -(-n // 32) + -(-n_clean // 32)
+    with task(progress, "backdoor calibration", chunks) as advance:
+        for samples in (read_samples(data), read_samples(clean)):
+            rows = []
+            for i in range(0, len(samples), 32):
+                chunk = samples[i : i + 32]
+                batch = probe.prepare([open_image(s) for s in chunk], [s.prompt for s in chunk])
+                rows.append(probe.signals(batch).numpy())
+                advance()
+            measured.append(np.concatenate(rows))
+    identity = model_identity(out / "vlm", model)
+    profile = calibrate(measured[0], identity=identity, reference=measured[1])
     profile.save(directory / "profile.json")
     flagged = np.zeros(n, dtype=bool)
     flagged[profile.flagged_in_calibration] = True
     hits = int((flagged & poisoned).sum())
     return {
-        "layers": profile.layers,
-        "fallback": profile.fallback,
+        "channels": profile.channels,
+        "method": profile.method,
         "threshold": round(profile.threshold, 4),
         "audit_precision": round(hits / max(1, int(flagged.sum())), 4),
         "audit_recall": round(hits / max(1, int(poisoned.sum())), 4),

@@ -161,19 +161,20 @@ def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
             lambda d: purify_profile(out, d, progress, n),
         )
         # The monitor's profile, from a poisoned set drawn as the VLM's fine-tuning set was.
-        samples = 300 if quick else 600
+        samples, clean = (300, 200) if quick else (600, 500)
         rate = vlm_settings.poison_rate
         figures["backdoor_profile"] = _component(
             out / "backdoor_profile",
             {
                 "vlm": figures["vlm"]["key"],
                 "samples": samples,
+                "clean_samples": clean,
                 "poison_rate": rate,
                 "trigger": asdict(options.trigger),
                 "identity": BACKDOOR_IDENTITY,
             },
             progress,
-            lambda d: backdoor_profile(out, d, progress, options.trigger, rate, samples),
+            lambda d: backdoor_profile(out, d, progress, options.trigger, rate, samples, clean),
         )
     manifest = _manifest(options, figures, time.perf_counter() - start)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

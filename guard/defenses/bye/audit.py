@@ -1,12 +1,14 @@
 """The offline audit (BYE's original use): find the poisoned samples of a fine-tuning set.
 
-Every sample gets one probe prefill; its per-layer entropies are appended to a scores file as
+Every sample gets one probe prefill; its entropies (per layer: the head average, then each
+head) are appended to a scores file as
 they are computed, so an interrupted scan resumes where it stopped (samples already scored are
 skipped; the file records the model identity and refuses another model's scores). Then:
-with a profile, its layers and rule decide; without one, BYE's own procedure runs on the set
+with a profile, its channels and rule decide; without one, BYE's own procedure runs on the set
 itself (bimodal layers, a two-component GMM over the scores, the low component is dropped).
-Where no layer is bimodal, BYE leaves the set as it is; here the profile's fallback decides
-instead (the most separated layer, k·σ below a robust clean estimate), and the report says so.
+Where no layer is bimodal, BYE leaves the set as it is; here calibration goes on to single
+heads and then to the strongest low tail (see bye/profile.py), and the report names the method.
+
 """
 
 from __future__ import annotations
@@ -24,18 +26,24 @@ from PIL import Image
 from guard.config import ConfigError
 from guard.defenses.bye.dataset import Sample
 from guard.defenses.bye.probe import EntropyProbe
-from guard.defenses.bye.profile import BackdoorProfile, calibrate
+from guard.defenses.bye.profile import BackdoorProfile, calibrate, describe
 
 log = logging.getLogger(__name__)
+
+
+CACHE_FORMAT = 2  # 2: per layer [head average, head 0, head 1, …]; 1 held head averages
 
 
 @dataclass(frozen=True)
 class Audit:
     flagged: list[str]  # ids, in data order
-    scores: dict[str, float]  # id → score over ``layers``
-    layers: list[int]
-    method: str  # "profile" | "bye" | "fallback" (no bimodal layer: see bye/profile.py)
+    scores: dict[str, float]  # id → score over ``channels``
+    channels: list[list[int | None]]  # [layer, head or None]
+    method: str  # "profile", or how calibration on the set chose (see bye/profile.py)
     profile: BackdoorProfile  # what decided (the given one, or calibrated on the set)
+
+
+Signals = list[list[float]]  # per layer: [head average, head 0, head 1, …]
 
 
 def score_all(
@@ -46,13 +54,14 @@ def score_all(
     *,
     batch: int = 16,
     advance: Callable[[int], None] = lambda n: None,
-) -> dict[str, list[float]]:
-    """Per-layer entropies for every sample, resumable through ``cache`` (JSONL)."""
+) -> dict[str, Signals]:
+    """Every layer's signals for every sample, resumable through ``cache`` (JSONL)."""
     done = _read_cache(cache, identity)
     todo = [s for s in samples if s.id not in done]
     advance(len(samples) - len(todo))
     if not cache.exists():
-        cache.write_text(json.dumps({"identity": dict(identity)}, default=str) + "\n")
+        header = {"identity": dict(identity), "format": CACHE_FORMAT}
+        cache.write_text(json.dumps(header, default=str) + "\n")
     elif not cache.read_bytes().endswith(b"\n"):
         with cache.open("a") as out:
             out.write("\n")  # end the line an interruption cut, so new lines stay whole
@@ -60,8 +69,8 @@ def score_all(
         for i in range(0, len(todo), batch):
             chunk = todo[i : i + batch]
             images = [open_image(s) for s in chunk]
-            entropies = probe.entropies(probe.prepare(images, [s.prompt for s in chunk]))
-            for sample, row in zip(chunk, entropies.tolist(), strict=True):
+            signals = probe.signals(probe.prepare(images, [s.prompt for s in chunk]))
+            for sample, row in zip(chunk, signals.tolist(), strict=True):
                 out.write(json.dumps({"id": sample.id, "entropies": row}) + "\n")
                 done[sample.id] = row
             out.flush()  # what is written survives an interruption
@@ -71,25 +80,25 @@ def score_all(
 
 def decide(
     samples: Sequence[Sample],
-    entropies: Mapping[str, Sequence[float]],
+    entropies: Mapping[str, Signals],
     identity: Mapping[str, Any],
     profile: BackdoorProfile | None = None,
 ) -> Audit:
     ids = [s.id for s in samples]
-    x = np.array([entropies[i] for i in ids], dtype=np.float64)  # (N, layers)
+    x = np.array([entropies[i] for i in ids], dtype=np.float64)  # (N, layers, 1 + heads)
     if profile is not None:
         method = "profile"
     else:
         profile = calibrate(x, identity=identity, rule="sigma")
-        if not profile.fallback:
+        if profile.method in ("bye", "bye-heads"):  # BYE drops the low GMM component
             profile = calibrate(x, identity=identity, rule="posterior")
-        method = "fallback" if profile.fallback else "bye"
-    scores = x[:, profile.layers].mean(1)
+        method = profile.method
+    scores = profile.scores(x)
     flags = profile.entropy_flags(scores)
     return Audit(
         flagged=[i for i, f in zip(ids, flags, strict=True) if f],
         scores={i: float(s) for i, s in zip(ids, scores, strict=True)},
-        layers=list(profile.layers),
+        channels=list(profile.channels),
         method=method,
         profile=profile,
     )
@@ -112,7 +121,7 @@ def histogram(audit: Audit, path: Path) -> bool:
     bins = np.histogram_bin_edges(list(audit.scores.values()), bins=40).tolist()
     ax.hist(kept, bins=bins, alpha=0.7, label=f"kept ({len(kept)})")
     ax.hist(dropped, bins=bins, alpha=0.7, label=f"flagged ({len(dropped)})")
-    ax.set_xlabel(f"attention entropy over the image (nats), layers {audit.layers}")
+    ax.set_xlabel(f"attention entropy over the image (nats), {describe(audit.channels)}")
     ax.set_ylabel("samples")
     ax.legend()
     fig.tight_layout()
@@ -129,7 +138,7 @@ def open_image(sample: Sample) -> Image.Image:
         raise ConfigError(f"sample {sample.id}: cannot read image {sample.image}") from None
 
 
-def _read_cache(cache: Path, identity: Mapping[str, Any]) -> dict[str, list[float]]:
+def _read_cache(cache: Path, identity: Mapping[str, Any]) -> dict[str, Signals]:
     if not cache.exists():
         return {}
     lines = cache.read_text().splitlines()
@@ -140,11 +149,15 @@ def _read_cache(cache: Path, identity: Mapping[str, Any]) -> dict[str, list[floa
     theirs = json.loads(json.dumps(header.get("identity"), default=str))
     if theirs != json.loads(json.dumps(dict(identity), default=str)):
         raise ConfigError(f"{cache} holds scores of another model; remove it to start over")
-    done: dict[str, list[float]] = {}
+    if header.get("format") != CACHE_FORMAT:
+        raise ConfigError(
+            f"{cache} holds scores in an older format (head averages only); remove it to start over"
+        )
+    done: dict[str, Signals] = {}
     for line in lines[1:]:
         try:
             row = json.loads(line)
-            done[str(row["id"])] = [float(v) for v in row["entropies"]]
+            done[str(row["id"])] = [[float(v) for v in layer] for layer in row["entropies"]]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # a line cut by an interruption: that sample is scored again
     return done

@@ -31,8 +31,8 @@ IDENTITY_VERSION = 1
 class Screening:
     """One (image, prompt) pair's outcome."""
 
-    score: float  # mean entropy over the profile's layers (nats)
-    entropies: tuple[float, ...]  # per profile layer
+    score: float  # mean entropy over the profile's channels (nats)
+    entropies: tuple[float, ...]  # per profile channel
     divergence: float | None  # cross-view mean JS (nats); None when the profile does not use it
     by_entropy: bool
     by_crossview: bool | None
@@ -83,7 +83,9 @@ class Monitor:
         if not images:
             return []
         batch = self.probe.prepare(images, prompts)  # one processor pass serves both checks
-        entropies = self.probe.entropies(batch, self.profile.layers).numpy()
+        layers = self.profile.layers
+        signals = self.probe.signals(batch, layers).numpy()  # (B, layers, 1 + heads)
+        entropies = self.profile.pick(signals, layers)  # (B, channels)
         scores = entropies.mean(1)  # (B,)
         divergences = None
         if self.crossview is not None:
@@ -110,9 +112,10 @@ def measure(
     prompts: Sequence[str],
     views: ViewSettings | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Every layer's entropies (N, layers) and, with ``views``, divergences (N,): calibration."""
+    """Every layer's signals (N, layers, 1 + heads) and, with ``views``, divergences (N,):
+    what calibration takes."""
     batch = probe.prepare(images, prompts)
-    entropies = probe.entropies(batch).numpy()
+    entropies = probe.signals(batch).numpy()
     if views is None:
         return entropies, None
     return entropies, CrossView(probe, views).divergences(images, prompts, batch).numpy()

@@ -1,19 +1,37 @@
-"""BYE calibration: which layers are sensitive, what clean traffic looks like, and the profile
+"""BYE calibration: which signals are sensitive, what clean traffic looks like, and the profile
 that stores it (DESIGN.md §4.2).
 
-Per layer, a 1-D two-component GMM over the calibration samples' entropies; the layer is
-sensitive when the components are well apart, |μ1 − μ2| > 2(σ1 + σ2) (BYE's test), and each
-holds at least MIN_MODE samples (a small set can otherwise "find" a mode of one sample). The
-score of a sample is its mean entropy over the sensitive layers, and the clean component is
-the higher-mean component of a two-component GMM over the scores.
+A signal ("channel") is one layer's attention entropy over the image: of the head average
+(BYE's), or of one head alone. The score of a sample is its mean entropy over the chosen
+channels. The choice, in this order:
 
-Fallback, when no layer is bimodal (calibration data that is all clean, or a poisoned minority
-whose spread overlaps the clean tail: on the quick toy world the trigger's layer separates
-clean from poisoned at AUROC 0.998, yet its GMM fails the test, 0.19 apart against
-2(σ1 + σ2) = 0.28): the one layer with the largest separation |μ1 − μ2| / (σ1 + σ2) is used, and
-the clean component is estimated robustly over the whole set (median, 1.4826·MAD), so that
-a poisoned minority cannot widen it. BYE itself filters nothing in this case; the profile says
-``fallback: true`` so an operator knows that no poisoned mode was confirmed.
+0. ``reference``, when trusted clean samples are given beside the suspect set: the channel
+   whose low tail holds the most suspect samples beyond what clean samples put there, i.e.
+   the share below the reference's REFERENCE_Q quantile, less REFERENCE_Q, if that excess
+   reaches MIN_EXCESS. Why: clean entropies have heavy low tails of their own (content, not
+   poison: on the toy VLM 5% of clean samples sit beyond 3σ on many heads), which fool any
+   statistic of the suspect set alone; a clean reference cancels them. On the toy VLM where
+   layer 0, head 1 separates triggered samples at AUROC 0.997, its excess was 4.9% (5%
+   poison) against 3.0% for the next channel, while the suspect set's own tail shares ranked a
+   heavy-tailed clean head first.
+1. ``bye``: BYE's test on the head averages. Per layer, a 1-D two-component GMM over the
+   calibration samples; the layer is sensitive when |μ1 − μ2| > 2(σ1 + σ2) and each component
+   holds at least MIN_MODE samples (a small set can otherwise "find" a mode of one sample).
+2. ``bye-heads``: the same test on every head alone, when no layer passes.
+3. ``fallback``: nothing passes (calibration data may be all clean, or a poisoned minority
+   overlaps the clean tail): the layer whose head average has the largest separation
+   |μ1 − μ2| / (σ1 + σ2). BYE itself filters nothing in this case; ``fallback`` tells an
+   operator that no poisoned mode was confirmed. Single heads are left out here on purpose:
+   with several heads per layer, some clean head's GMM split always looks as separated as a
+   poisoned one (measured on the toy VLMs), so without a reference the choice would be chance.
+
+Why heads at all: a trigger that fills one image token can be singled out by one head while the
+average over heads blurs it (toy VLM, 8-px patches, 5% poison: layer 0, head 1 at AUROC 0.997,
+the best head average at 0.92).
+
+The clean component: with a bimodal choice, the higher-mean component of a two-component GMM
+over the scores; otherwise a robust estimate (median, 1.4826·MAD) over the clean reference if
+given, else over the whole set, so that a poisoned minority cannot widen it.
 
 Runtime rules: ``sigma`` flags score < clean mean − k·σ; ``posterior`` (needs a bimodal fit)
 flags when the low component's posterior exceeds 0.5. Cross-view divergences of the clean
@@ -23,7 +41,7 @@ samples give the tail thresholds (low: abnormally invariant; high: optional).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,10 +52,19 @@ from sklearn.mixture import GaussianMixture
 from guard.config import ConfigError
 from guard.defenses import profiles
 
-VERSION = 1
+VERSION = 2  # 2: channels (layer, head) instead of layers
 MIN_MODE = 3  # samples a GMM component must hold for its layer to count as bimodal
+REFERENCE_Q = 0.01  # the clean reference's low quantile that bounds a channel's low tail …
+# … and the excess share of suspect samples below it that names a channel. Why 2%: the
+# quantile of a few hundred reference samples is itself uncertain, and the largest of some
+# tens of channels' excesses reaches 1-2% on clean data alone (measured: 1.7% with 400
+# reference and 600 clean samples, 10 channels).
+MIN_EXCESS = 0.02
+MAD_SIGMA = 1.4826  # σ of a normal from its median absolute deviation
 Rule = Literal["sigma", "posterior"]
 Combine = Literal["entropy", "crossview", "either", "both"]
+Method = Literal["reference", "bye", "bye-heads", "fallback"]
+Channel = tuple[int, int | None]  # (layer, head); head None: the average over heads
 
 
 @dataclass(frozen=True)
@@ -81,14 +108,15 @@ def fit_gmm(values: np.ndarray) -> Gaussian2:
 
 @dataclass(frozen=True)
 class BackdoorProfile:
-    layers: list[int]  # sensitive layers (all, in the fallback)
-    layer_fits: list[dict[str, Any]]  # per layer: means, stds, weights, bimodal
-    fallback: bool  # no layer was bimodal
-    clean_mean: float  # score (mean entropy over ``layers``) of the clean component
+    channels: list[list[int | None]]  # [layer, head or None]: the score averages these
+    layer_fits: list[dict[str, Any]]  # per layer (head average): means, stds, weights, bimodal
+    method: Method  # how the channels were chosen (see the module's docstring)
+    selection: dict[str, Any]  # the evidence for the choice (bimodal layers or heads, separations)
+    clean_mean: float  # score (mean entropy over ``channels``) of the clean component
     clean_std: float
     k_sigma: float
     rule: Rule
-    score_fit: dict[str, Any] | None  # the two-component fit of the scores (None: fallback)
+    score_fit: dict[str, Any] | None  # the two-component fit of the scores (None: not bimodal)
     crossview_low: float | None  # flag divergence below this (abnormally invariant)
     crossview_high: float | None  # flag divergence above this (None: off)
     crossview: dict[str, Any]  # the view settings the divergences were measured with
@@ -99,8 +127,28 @@ class BackdoorProfile:
     flagged_in_calibration: list[int] = field(default_factory=list)  # indices
 
     @property
+    def layers(self) -> list[int]:
+        """The layers the probe must watch (the deepest one ends the forward)."""
+        return sorted({int(c[0]) for c in self.channels})  # type: ignore[arg-type]
+
+    @property
+    def fallback(self) -> bool:
+        """No layer or head passed BYE's test: the channel is the most separated one."""
+        return self.method == "fallback"
+
+    @property
     def threshold(self) -> float:
         return self.clean_mean - self.k_sigma * self.clean_std
+
+    def pick(self, signals: np.ndarray, layers: Sequence[int] | None = None) -> np.ndarray:
+        """(N, channels) entropies from signals (N, len(layers), 1 + heads) as the probe
+        returns them, ``layers`` naming their axis 1 (default: every layer from 0)."""
+        return select(signals, _channels(self.channels), layers)
+
+    def scores(self, signals: np.ndarray, layers: Sequence[int] | None = None) -> np.ndarray:
+        """(N,) scores: the mean over the profile's channels (see :meth:`pick`)."""
+        out: np.ndarray = self.pick(signals, layers).mean(1)
+        return out
 
     def entropy_flags(self, scores: np.ndarray) -> np.ndarray:
         """(N,) bool: the entropy rule on scores (N,)."""
@@ -142,36 +190,43 @@ def calibrate(
     identity: Mapping[str, Any],
     divergences: np.ndarray | None = None,
     crossview: Mapping[str, Any] | None = None,
+    reference: np.ndarray | None = None,
     k_sigma: float = 3.0,
     rule: Rule = "sigma",
     crossview_quantiles: tuple[float | None, float | None] = (0.01, None),
     combine: Combine = "entropy",
 ) -> BackdoorProfile:
-    """A profile from calibration entropies (N, layers) and, optionally, divergences (N,)."""
-    x = np.asarray(entropies, dtype=np.float64)
-    if x.ndim != 2 or len(x) < 2:
-        raise ValueError("calibration needs an (N >= 2, layers) array of entropies")
+    """A profile from calibration signals and, optionally, divergences (N,).
+
+    ``entropies``: (N, layers, 1 + heads) as :meth:`EntropyProbe.signals` returns them for every
+    layer, or (N, layers) head averages alone (then no single head is considered).
+    ``reference``: the same measured on trusted clean samples, if there are any.
+    """
+    x = _as_signals(entropies, "calibration")
     if not (math.isfinite(k_sigma) and k_sigma > 0):
         raise ValueError(f"k_sigma must be positive, got {k_sigma}")
-    fits = [fit_gmm(x[:, i]) for i in range(x.shape[1])]
-    # A "mode" of one or two samples with a near-zero σ passes BYE's test by accident.
-    layers = [i for i, f in enumerate(fits) if f.bimodal and min(f.weights) * len(x) >= MIN_MODE]
-    fallback = not layers
-    if fallback:
-        layers = [int(np.argmax([_separation(f) for f in fits]))]
-    scores = x[:, layers].mean(1)  # (N,)
+    ref = None if reference is None else _as_signals(reference, "the clean reference")
+    if ref is not None and ref.shape[1:] != x.shape[1:]:
+        raise ValueError(f"the clean reference's signals {ref.shape[1:]} differ from {x.shape[1:]}")
+    fits = [fit_gmm(x[:, i, 0]) for i in range(x.shape[1])]
+    method, chosen, selection = _choose(x, fits)
+    if ref is not None:
+        channel, evidence = _by_reference(x, ref)
+        if channel is not None:
+            method, chosen, selection = "reference", [channel], {}
+        selection = {**selection, **evidence, "reference_samples": len(ref)}
+    scores = select(x, chosen).mean(1)  # (N,)
     score_fit = None
-    if fallback:
-        if rule == "posterior":
-            raise ValueError("rule 'posterior' needs a bimodal layer; none was found")
-        mean = float(np.median(scores))
-        std = float(1.4826 * np.median(np.abs(scores - mean)))  # σ of a normal, robustly
-        clean = scores >= mean - k_sigma * std
-    else:
+    if method in ("bye", "bye-heads"):
         fit = fit_gmm(scores)
         score_fit = profiles.jsonable({**asdict(fit), "bimodal": fit.bimodal})
         clean = fit.low_posterior(scores) <= 0.5
         mean, std = fit.means[1], fit.stds[1]
+    else:
+        if rule == "posterior":
+            raise ValueError("rule 'posterior' needs a bimodal layer or head; none was found")
+        mean, std = _robust(scores if ref is None else select(ref, chosen).mean(1))
+        clean = scores >= mean - k_sigma * std
     low = high = None
     if divergences is not None:
         d = np.asarray(divergences, dtype=np.float64)
@@ -183,11 +238,12 @@ def calibrate(
     elif combine != "entropy":
         raise ValueError(f"combine={combine!r} needs cross-view divergences")
     profile = BackdoorProfile(
-        layers=layers,
+        channels=[[layer, head] for layer, head in chosen],
         layer_fits=profiles.jsonable(
             [{**asdict(f), "bimodal": f.bimodal, "separation": _separation(f)} for f in fits]
         ),
-        fallback=fallback,
+        method=method,
+        selection=profiles.jsonable(selection),
         clean_mean=mean,
         clean_std=std,
         k_sigma=k_sigma,
@@ -202,6 +258,92 @@ def calibrate(
     )
     flagged = np.flatnonzero(profile.entropy_flags(scores))
     return replace(profile, flagged_in_calibration=[int(i) for i in flagged])
+
+
+def select(
+    signals: np.ndarray, channels: Sequence[Channel], layers: Sequence[int] | None = None
+) -> np.ndarray:
+    """(N, len(channels)) entropies picked from signals (N, len(layers), 1 + heads)."""
+    x = np.asarray(signals)
+    if x.ndim == 2:
+        x = x[:, :, None]
+    where = {layer: i for i, layer in enumerate(range(x.shape[1]) if layers is None else layers)}
+    columns = []
+    for layer, head in channels:
+        if layer not in where:
+            raise ValueError(f"channel ({layer}, {head}): layer {layer} was not measured")
+        column = 0 if head is None else head + 1
+        if not 0 <= column < x.shape[2]:
+            raise ValueError(f"channel ({layer}, {head}): the signals hold {x.shape[2] - 1} heads")
+        columns.append(x[:, where[layer], column])
+    return np.stack(columns, axis=1)
+
+
+def _as_signals(values: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.ndim != 3 or len(x) < 2 or x.shape[2] < 1:
+        raise ValueError(f"{what} needs an (N >= 2, layers[, 1 + heads]) array of entropies")
+    return x
+
+
+def _by_reference(x: np.ndarray, ref: np.ndarray) -> tuple[Channel | None, dict[str, Any]]:
+    """The channel whose low tail holds the most suspect samples beyond the clean reference's
+    share (see the module's docstring), or None where no channel reaches MIN_EXCESS; and the
+    evidence."""
+    excess = []
+    for layer in range(x.shape[1]):
+        for col in range(x.shape[2]):
+            cut = np.quantile(ref[:, layer, col], REFERENCE_Q)
+            share = float(np.mean(x[:, layer, col] < cut))
+            excess.append((share - REFERENCE_Q, (layer, None if col == 0 else col - 1)))
+    excess.sort(key=lambda e: -e[0])
+    evidence = {"reference_q": REFERENCE_Q, "excess": [[*c, round(e, 4)] for e, c in excess[:5]]}
+    best, channel = excess[0]
+    if best >= MIN_EXCESS and (best + REFERENCE_Q) * len(x) >= MIN_MODE:
+        return channel, evidence
+    return None, evidence
+
+
+def _choose(x: np.ndarray, fits: list[Gaussian2]) -> tuple[Method, list[Channel], dict[str, Any]]:
+    """BYE's layers, else BYE's heads, else the most separated layer."""
+    n = len(x)
+
+    def real_mode(f: Gaussian2) -> bool:
+        # A "mode" of one or two samples with a near-zero σ passes BYE's test by accident.
+        return f.bimodal and min(f.weights) * n >= MIN_MODE
+
+    layers = [i for i, f in enumerate(fits) if real_mode(f)]
+    if layers:
+        return "bye", [(i, None) for i in layers], {"bimodal_layers": layers}
+    head_fits: list[tuple[Channel, Gaussian2]] = [
+        ((layer, h), fit_gmm(x[:, layer, h + 1]))
+        for layer in range(x.shape[1])
+        for h in range(x.shape[2] - 1)
+    ]
+    bimodal_heads = [c for c, f in head_fits if real_mode(f)]
+    if bimodal_heads:
+        return "bye-heads", bimodal_heads, {"bimodal_heads": [list(c) for c in bimodal_heads]}
+    best = int(np.argmax([_separation(f) for f in fits]))
+    return "fallback", [(best, None)], {"separation": round(_separation(fits[best]), 4)}
+
+
+def describe(channels: Sequence[Sequence[int | None]]) -> str:
+    """Channels in words: "layer 2" (head average), "layer 0 head 1"."""
+    return ", ".join(
+        f"layer {c[0]}" if c[1] is None else f"layer {c[0]} head {c[1]}" for c in channels
+    )
+
+
+def _robust(values: np.ndarray) -> tuple[float, float]:
+    """Median and 1.4826·MAD: the mean and σ of a normal majority, whatever its low tail."""
+    median = float(np.median(values))
+    return median, float(MAD_SIGMA * np.median(np.abs(values - median)))
+
+
+def _channels(raw: Sequence[Sequence[int | None]]) -> list[Channel]:
+    return [(int(c[0]), None if c[1] is None else int(c[1])) for c in raw]  # type: ignore[arg-type]
 
 
 def combined(

@@ -279,6 +279,9 @@ def test_profile_round_trip_and_model_refusal(tmp_path: Path, llava: tuple[Path,
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ConfigError, match=r"bad\.json: expected a JSON object"):
         BackdoorProfile.load(tmp_path / "bad.json")
+    (tmp_path / "old.json").write_text(json.dumps({"version": 1, "layers": [2]}))
+    with pytest.raises(ConfigError, match="version 1, expected 2; run vlm-guard backdoor calib"):
+        BackdoorProfile.load(tmp_path / "old.json")
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(ConfigError, match="cannot read backdoor profile"):
         BackdoorProfile.load(tmp_path / "bad.json")

@@ -45,6 +45,7 @@ def read(path: Path, *, stage: str, version: int) -> dict[str, Any]:
         raise ConfigError(f"{stage} profile {path}: expected a JSON object")
     if data.get("version") != version:
         raise ConfigError(
-            f"{stage} profile {path}: version {data.get('version')!r}, expected {version}"
+            f"{stage} profile {path}: version {data.get('version')!r}, expected {version}; "
+            f"run vlm-guard {stage} calibrate again"
         )
     return data

@@ -49,8 +49,10 @@ class VLMSettings:
     vision_layers: int = 3
     # 8-px patches (16 image tokens, not 64) made training 2.2× cheaper, but clean accuracy
     # stalled at 0.89–0.90 after 1,000–1,200 steps; the quick build takes them. Measured later
-    # (issue #5): 1,500 steps of batch 40 reach 0.935 clean, 100% attack success, in 196 s,
-    # and the trigger is then one image token, which one attention head singles out.
+    # (issue #5): 1,500 steps of batch 40 reach 0.905–0.935 clean and 100% attack success in
+    # 190–380 s. The trigger is then one image token, yet only one of four such VLMs (seed 0 on
+    # two threads; not on one, nor seeds 1 and 2) had an attention head that singles it out,
+    # so the world keeps 4-px patches (benchmarks --patch8 measures that one VLM).
     patch: int = 4
     text_width: int = 128
     text_layers: int = 4

@@ -22,8 +22,9 @@ channels. The choice, in this order:
    overlaps the clean tail): the layer whose head average has the largest separation
    |μ1 − μ2| / (σ1 + σ2). BYE itself filters nothing in this case; ``fallback`` tells an
    operator that no poisoned mode was confirmed. Single heads are left out here on purpose:
-   with several heads per layer, some clean head's GMM split always looks as separated as a
-   poisoned one (measured on the toy VLMs), so without a reference the choice would be chance.
+   a GMM splits any clean head in two, and with many heads some split comes close to a
+   poisoned head's separation (toy VLM: 1.22 against 1.37) or passes it (synthetic data in
+   tests/test_backdoor.py), so without a reference the choice would be near chance.
 
 Why heads at all: a trigger that fills one image token can be singled out by one head while the
 average over heads blurs it (toy VLM, 8-px patches, 5% poison: layer 0, head 1 at AUROC 0.997,
@@ -56,9 +57,10 @@ VERSION = 2  # 2: channels (layer, head) instead of layers
 MIN_MODE = 3  # samples a GMM component must hold for its layer to count as bimodal
 REFERENCE_Q = 0.01  # the clean reference's low quantile that bounds a channel's low tail …
 # … and the excess share of suspect samples below it that names a channel. Why 2%: the
-# quantile of a few hundred reference samples is itself uncertain, and the largest of some
-# tens of channels' excesses reaches 1-2% on clean data alone (measured: 1.7% with 400
-# reference and 600 clean samples, 10 channels).
+# quantile of a few hundred reference samples is itself uncertain, so the largest of some tens
+# of channels' excesses reaches 1-2% with no signal behind it (measured: 1.7% on synthetic
+# clean data, 400 reference and 600 suspect samples, 10 channels; 2.0% on a toy VLM whose
+# trigger no channel separates, 500 and 1,000 samples, 20 channels).
 MIN_EXCESS = 0.02
 MAD_SIGMA = 1.4826  # σ of a normal from its median absolute deviation
 Rule = Literal["sigma", "posterior"]

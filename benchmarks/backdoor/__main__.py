@@ -15,7 +15,7 @@ from rich.console import Console
 
 from benchmarks.backdoor.evaluate import evaluate
 from benchmarks.backdoor.report import plot, table
-from benchmarks.backdoor.sets import blend_vlm
+from benchmarks.backdoor.sets import blend_vlm, patch8_vlm
 from benchmarks.purification.common import progress_bar
 from guard.toy.build import default_home
 from guard.toy.triggers import Trigger
@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=200, help="test (and validation) images")
     parser.add_argument("--train", type=int, default=1000, help="fine-tuning set size to audit")
     parser.add_argument("--poison-rate", type=float, help="default: the world's VLM setting")
+    parser.add_argument(
+        "--clean", type=int, default=500, help="trusted clean samples for the reference"
+    )
     parser.add_argument("--views", type=int, default=4, help="cross-view: K masked views")
     parser.add_argument("--mask-fraction", type=float, default=0.2)
     parser.add_argument(
@@ -42,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
     parser.add_argument("--blend", action="store_true", help="also a blended-trigger VLM")
+    parser.add_argument("--patch8", action="store_true", help="also a VLM with 8-px patches")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()
+    if not console.is_terminal:
+        console.width = 200  # the table's eleven columns, unwrapped in a log
     world = args.world or default_home() / "toy"
     manifest_path = world / "manifest.json"
     if not manifest_path.exists():
@@ -71,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.blend:
             blend = Trigger(kind="blend")
             # Trained once and cached beside the toy world, never in the results.
-            model_dir = blend_vlm(default_home() / "toy-blend-vlm", 0, progress)
+            model_dir = blend_vlm(default_home() / "toy-blend-vlm", progress)
             rows["blend"] = evaluate("blend", model_dir, blend, args, progress)
+        if args.patch8:
+            model_dir = patch8_vlm(default_home() / "toy-patch8-vlm", progress)
+            rows["patch, 8-px VLM"] = evaluate("patch8", model_dir, trigger, args, progress)
     table(console, rows, args)
     report = {
         "args": {

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 from rich.progress import Progress
 
-from benchmarks.backdoor.measure import Measured, cost, measure, roc, z_low
-from benchmarks.backdoor.sets import test_set
-from guard.defenses.bye.audit import decide, score_all
+from benchmarks.backdoor.measure import Measured, cost, measure, roc, signals_only, z_low
+from benchmarks.backdoor.sets import arithmetic_prompts, test_set
+from guard.defenses.bye.audit import decide, open_image, score_all
 from guard.defenses.bye.crossview import CrossView, ViewSettings
 from guard.defenses.bye.dataset import read_samples
 from guard.defenses.bye.monitor import load_model, model_identity
@@ -33,7 +33,9 @@ def evaluate(
     identity = model_identity(model_dir, model)
     views = CrossView(probe, ViewSettings(args.views, args.mask_fraction, args.answer_tokens))
 
-    # 1. BYE on the poisoned fine-tuning set: sensitive layers, the clean component, the audit.
+    # 1. The poisoned fine-tuning set, and trusted clean samples drawn the same way: the
+    # profile (`backdoor calibrate --clean`), the audit with it (`scan --profile`), and BYE's
+    # own audit of the set alone for comparison.
     work = args.work / f"train_{name}"  # scratch: the set's PNGs stay out of the results
     data, poisoned = poisoned_set(work, trigger, args.train, args.poison_rate, ATTACK_RESPONSE, 0)
     samples = read_samples(data)
@@ -42,30 +44,47 @@ def evaluate(
     cache.unlink(missing_ok=True)  # the set was just rewritten
     advance = lambda n: progress.advance(task, n)  # noqa: E731
     entropies = score_all(probe, samples, cache, identity, batch=args.batch, advance=advance)
-    train = np.array([entropies[s.id] for s in samples])  # (N, layers)
-    audit = decide(samples, entropies, identity)
+    train = np.array([entropies[s.id] for s in samples])  # (N, layers, 1 + heads)
+    trusted, _ = poisoned_set(
+        args.work / f"clean_{name}", trigger, args.clean, 0.0, ATTACK_RESPONSE, 5
+    )
+    trusted_samples = read_samples(trusted)
+    task = progress.add_task(f"{name}: the clean reference", total=len(trusted_samples))
+    reference = signals_only(
+        probe,
+        [open_image(s) for s in trusted_samples],
+        [s.prompt for s in trusted_samples],
+        args.batch,
+        lambda n: progress.advance(task, n),
+    )
+    profile = calibrate(train, identity=identity, reference=reference, k_sigma=args.k_sigma)
+    audit = decide(samples, entropies, identity, profile)
     flagged = np.isin([s.id for s in samples], audit.flagged)
+    bye = decide(samples, entropies, identity)
+    bye_flagged = np.isin([s.id for s in samples], bye.flagged)
 
     # 2. Clean validation traffic: the cross-view threshold and the z-score references.
     val = _pil(eval_images(load_splits()["val"])[: args.images])
     tests = test_set(trigger, args.images)
-    total = 3 * args.images
+    total = 4 * args.images
     task = progress.add_task(f"{name}: screening requests", total=total)
     step = lambda n: progress.advance(task, n)  # noqa: E731
     ref = measure(probe, views, val, tests.prompt, args.batch, step)
     clean = measure(probe, views, tests.clean, tests.prompt, args.batch, step)
     hit = measure(probe, views, tests.triggered, tests.prompt, args.batch, step)
+    # Clean images under other prompts (the demo's arithmetic): the entropy rule's false blocks
+    # where the calibration set (questions only) never looked.
+    arithmetic = arithmetic_prompts(args.images)
+    other = signals_only(probe, tests.clean, arithmetic, args.batch, step)
     assert ref.divergences is not None and clean.divergences is not None
     assert hit.divergences is not None
 
-    profile = calibrate(train, identity=identity, k_sigma=args.k_sigma)
     low = float(np.quantile(ref.divergences, args.crossview_quantile))
     profile = replace(profile, crossview_low=low, combine=args.combine)
     layers = profile.layers
 
     def score(m: Measured) -> np.ndarray:
-        out: np.ndarray = m.entropies[:, layers].mean(1)
-        return out
+        return profile.scores(m.signals)
 
     def suspicion(m: Measured) -> dict[str, np.ndarray]:
         assert m.divergences is not None and ref.divergences is not None
@@ -79,13 +98,18 @@ def evaluate(
     attacked = np.array([ATTACK_RESPONSE in a for a in hit.answers])
     correct = np.array([a == t for a, t in zip(clean.answers, tests.truth, strict=True)])
     tp = int((flagged & poisoned).sum())
-    timing = cost(probe, views, tests.clean[: args.batch], tests.prompt, layers, args.repeats)
+    bye_tp = int((bye_flagged & poisoned).sum())
+    heads = train.shape[2] - 1
+    timing = cost(
+        probe, views, tests.clean[: args.batch], tests.prompt, layers, heads, args.repeats
+    )
     return {
         "model": str(model_dir),
         "trigger": trigger.kind,
         "profile": {
-            "layers": layers,
-            "fallback": profile.fallback,
+            "channels": profile.channels,
+            "method": profile.method,
+            "selection": profile.selection,
             "threshold": profile.threshold,
             "crossview_low": low,
             "combine": profile.combine,
@@ -96,12 +120,20 @@ def evaluate(
         "asr_direct": float(attacked.mean()),
         "asr_through_guard": float((attacked & ~flags_hit).mean()),
         "clean_false_block": float(flags_clean.mean()),
+        "arithmetic_false_block": float(profile.entropy_flags(profile.scores(other)).mean()),
         "audit": {
-            "method": audit.method,
+            "method": profile.method,
             "poisoned": int(poisoned.sum()),
             "flagged": int(flagged.sum()),
             "precision": tp / max(1, int(flagged.sum())),
             "recall": tp / max(1, int(poisoned.sum())),
+        },
+        "audit_bye_alone": {
+            "method": bye.method,
+            "channels": bye.channels,
+            "flagged": int(bye_flagged.sum()),
+            "precision": bye_tp / max(1, int(bye_flagged.sum())),
+            "recall": bye_tp / max(1, int(poisoned.sum())),
         },
         "cost": {
             **timing,
@@ -111,7 +143,7 @@ def evaluate(
         "scores": {
             "clean": score(clean).tolist(),
             "triggered": score(hit).tolist(),
-            "train": train[:, layers].mean(1).tolist(),
+            "train": profile.scores(train).tolist(),
             "train_poisoned": poisoned.tolist(),
         },
     }

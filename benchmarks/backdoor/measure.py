@@ -21,7 +21,7 @@ from guard.toy.vlm import answer_images
 
 @dataclass(frozen=True)
 class Measured:
-    entropies: np.ndarray  # (N, layers): every layer
+    signals: np.ndarray  # (N, layers, 1 + heads): every layer, head average then each head
     divergences: np.ndarray | None  # (N,)
     answers: list[str]
 
@@ -38,7 +38,7 @@ def measure(
     for i in range(0, len(images), batch):
         chunk = list(images[i : i + batch])
         prompts = [prompt] * len(chunk)
-        # What `vlm-guard backdoor calibrate` measures: every layer, and the views if any.
+        # What `vlm-guard backdoor calibrate` measures: every layer and head, and the views.
         settings = None if views is None else views.settings
         entropies, divergences = bye_measure(probe, chunk, prompts, settings)
         rows.append(entropies)
@@ -48,6 +48,21 @@ def measure(
     arrays = np.stack([np.asarray(im) for im in images])  # (N, 32, 32, 3)
     answers = answer_images(probe.model, probe.processor, arrays, question=prompt)
     return Measured(np.concatenate(rows), np.concatenate(divs) if divs else None, answers)
+
+
+def signals_only(
+    probe: EntropyProbe,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    batch: int,
+    advance: Callable[[int], None],
+) -> np.ndarray:
+    """(N, layers, 1 + heads): one prompt per image, no answers."""
+    rows = []
+    for i in range(0, len(images), batch):
+        rows.append(probe.signals(probe.prepare(images[i : i + batch], prompts[i : i + batch])))
+        advance(len(rows[-1]))
+    return np.concatenate([r.numpy() for r in rows])
 
 
 def roc(clean: np.ndarray, attacked: np.ndarray) -> dict[str, Any]:
@@ -77,11 +92,12 @@ def cost(
     images: Sequence[Image.Image],
     prompt: str,
     layers: list[int],
+    heads: int,
     repeats: int,
 ) -> dict[str, float]:
     """Median seconds per batch of the full prefill (last-position logits, as a server
     computes them), of the monitor's early-stopped probe and of the cross-view check; and the
-    bytes each keeps of attention (the probe: one number per layer and row)."""
+    bytes each keeps of attention (the probe: 1 + heads numbers per watched layer and row)."""
     prompts = [prompt] * len(images)
     batch = probe.prepare(images, prompts)
 
@@ -95,11 +111,11 @@ def cost(
         return float(np.median(runs))
 
     full = timed(lambda: probe.model(**batch.inputs, use_cache=False, logits_to_keep=1))
-    monitor = timed(lambda: probe.entropies(batch, layers))
+    monitor = timed(lambda: probe.signals(batch, layers))
     out: dict[str, float] = {"full_prefill_s": full, "monitor_s": monitor}
     if views is not None:
         out["crossview_s"] = timed(lambda: views.divergences(images, prompts))
     maps = probe.model(**batch.inputs, use_cache=False, output_attentions=True).attentions
     out["attention_maps_bytes"] = float(sum(a.numel() * a.element_size() for a in maps))
-    out["monitor_kept_bytes"] = float(len(images) * len(layers) * 4)
+    out["monitor_kept_bytes"] = float(len(images) * len(layers) * (1 + heads) * 4)
     return out

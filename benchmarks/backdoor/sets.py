@@ -4,13 +4,16 @@ fine-tuned with a blended trigger. The poisoned fine-tuning set is guard.toy.bac
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 from rich.progress import Progress
 
 from guard.toy.data import eval_images, load_splits
+from guard.toy.ssui import all_pairs
 from guard.toy.triggers import Trigger
 from guard.toy.vlm import VLMSettings, train_vlm
 from guard.toy.vlm_parts import QUESTIONS, answer
@@ -35,13 +38,42 @@ def test_set(trigger: Trigger, n: int) -> TestSet:
     )
 
 
-def blend_vlm(directory: Path, seed: int, progress: Progress) -> Path:
-    """A toy VLM fine-tuned with a blended trigger instead of the patch (cached)."""
+def arithmetic_prompts(n: int) -> list[str]:
+    """n harmless arithmetic prompts about the n first test images' digits (the demo's kind)."""
+    labels = load_splits()["test"].labels[:n]
+    benign = [p for p in all_pairs() if not p.unsafe and p.operand > 0]
+    by_digit = {d: [p.text for p in benign if p.digit == d] for d in range(10)}
+    return [by_digit[int(d)][i % len(by_digit[int(d)])] for i, d in enumerate(labels)]
+
+
+def blend_vlm(directory: Path, progress: Progress) -> Path:
+    """A toy VLM fine-tuned with a blended trigger instead of the patch (one thread)."""
+    return cached_vlm(directory, VLMSettings.full(trigger=Trigger(kind="blend")), 1, progress)
+
+
+def patch8_vlm(directory: Path, progress: Progress) -> Path:
+    """A toy VLM with 8-px patches, so that the 8-px trigger fills one image token. Trained on
+    two threads: the same seed on one thread trains another model (thread counts change the
+    floating-point sums), and in a seed study only this run of four had a head that singles
+    the trigger out (see the README)."""
+    return cached_vlm(directory, VLMSettings.full(patch=8, steps=1500), 2, progress)
+
+
+def cached_vlm(directory: Path, settings: VLMSettings, threads: int, progress: Progress) -> Path:
+    """A toy VLM trained with ``settings`` (seed 0) on ``threads`` torch threads, cached in
+    ``directory`` and trained again when any of these change."""
+    key = json.loads(json.dumps({"seed": 0, "threads": threads, **asdict(settings)}, default=str))
     done = directory / "done.json"
-    if done.exists():
+    if done.exists() and json.loads(done.read_text()).get("key") == key:
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    settings = VLMSettings.full(trigger=Trigger(kind="blend"))
-    figures = train_vlm(directory, seed=seed, settings=settings, progress=progress)
-    done.write_text(json.dumps({k: v for k, v in figures.items() if k != "settings"}))
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        figures = train_vlm(directory, seed=0, settings=settings, progress=progress)
+    finally:
+        torch.set_num_threads(before)
+    record = {k: v for k, v in figures.items() if k != "settings"}
+    done.write_text(json.dumps({**record, "key": key}))
     return directory

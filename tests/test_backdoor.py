@@ -21,7 +21,7 @@ from guard.defenses.bye.crossview import CrossView, ViewSettings, js_divergence,
 from guard.defenses.bye.dataset import read_samples, write_records
 from guard.defenses.bye.monitor import Monitor, load_model, model_identity
 from guard.defenses.bye.probe import EntropyProbe, entropy
-from guard.defenses.bye.profile import BackdoorProfile, calibrate
+from guard.defenses.bye.profile import BackdoorProfile, calibrate, fit_gmm
 from tests.images import gradient
 from tests.tiny_models import save_tiny_llava
 
@@ -253,6 +253,14 @@ def test_a_clean_reference_without_an_excess_changes_no_choice() -> None:
         profile.selection["excess"][0][2] < 0.02 and profile.selection["reference_samples"] == 400
     )
     assert len(profile.flagged_in_calibration) <= 0.1 * len(x)
+
+
+def test_a_constant_channel_is_neither_bimodal_nor_separated() -> None:
+    x = _heads(100, seed=6)
+    x[:, 1, 3] = np.log(16)  # a head that spreads its attention evenly over every image
+    fit = fit_gmm(x[:, 1, 3])
+    assert fit.means == (np.log(16), np.log(16)) and not fit.bimodal
+    assert calibrate(x, identity={"model": "m"}).method == "fallback"
 
 
 def test_a_bimodal_head_is_taken_before_the_fallback() -> None:

@@ -97,6 +97,11 @@ def fit_gmm(values: np.ndarray) -> Gaussian2:
     x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
     if len(x) < 2:
         raise ValueError("a two-component fit needs at least two samples")
+    if np.ptp(x) == 0:
+        # One value everywhere (a head that attends the same way to every image): no second
+        # component to find, and sklearn's k-means start would warn of duplicate points.
+        v = float(x[0, 0])
+        return Gaussian2(means=(v, v), stds=(0.0, 0.0), weights=(0.5, 0.5))
     gmm = GaussianMixture(n_components=2, random_state=0).fit(x)
     means = gmm.means_.ravel()
     stds = np.sqrt(gmm.covariances_.ravel())

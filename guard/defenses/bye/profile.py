@@ -9,8 +9,8 @@ channels. The choice, in this order:
    whose low tail holds the most suspect samples beyond what clean samples put there, i.e.
    the share below the reference's REFERENCE_Q quantile, less REFERENCE_Q, if that excess
    reaches MIN_EXCESS. Why: clean entropies have heavy low tails of their own (content, not
-   poison: on the toy VLM 5% of clean samples sit beyond 3σ on many heads), which fool any
-   statistic of the suspect set alone; a clean reference cancels them. On the toy VLM where
+   poison: on the toy VLMs up to 6% of clean samples sit more than 3σ low on several heads),
+   which fool any statistic of the suspect set alone; a clean reference cancels them. On the toy VLM where
    layer 0, head 1 separates triggered samples at AUROC 0.997, its excess was 4.9% (5%
    poison) against 3.0% for the next channel, while the suspect set's own tail shares ranked a
    heavy-tailed clean head first.

@@ -17,11 +17,12 @@ from PIL import Image
 
 from guard.config import ConfigError
 from guard.defenses.bye.audit import decide, score_all
+from guard.defenses.bye.channels import fit_gmm
 from guard.defenses.bye.crossview import CrossView, ViewSettings, js_divergence, patch_views
 from guard.defenses.bye.dataset import read_samples, write_records
 from guard.defenses.bye.monitor import Monitor, load_model, model_identity
 from guard.defenses.bye.probe import EntropyProbe, entropy
-from guard.defenses.bye.profile import BackdoorProfile, calibrate, fit_gmm
+from guard.defenses.bye.profile import BackdoorProfile, calibrate
 from tests.images import gradient
 from tests.tiny_models import save_tiny_llava
 

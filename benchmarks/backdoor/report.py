@@ -10,7 +10,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from guard.defenses.bye.profile import describe
+from guard.defenses.bye.channels import describe
 
 GOALS = {
     "auroc": 0.97,

@@ -3,7 +3,7 @@
 ``calibrate`` measures the served model's attention entropies (and, if asked, its cross-view
 divergences) on a LLaVA-style data file and writes the profile the ``backdoor`` stage loads;
 with ``--clean`` it also measures trusted clean samples, against which the suspect set's low
-tails are judged (see guard/defenses/bye/profile.py).
+tails are judged (see guard/defenses/bye/channels.py).
 ``scan`` audits a fine-tuning set: flags the samples whose attention collapses, writes the
 cleaned set, a JSON report and a histogram; interrupted, it resumes from its scores file.
 """

@@ -7,8 +7,8 @@ skipped; the file records the model identity and refuses another model's scores)
 with a profile, its channels and rule decide; without one, BYE's own procedure runs on the set
 itself (bimodal layers, a two-component GMM over the scores, the low component is dropped).
 Where no layer is bimodal, BYE leaves the set as it is; here calibration goes on to single
-heads and then to the strongest low tail (see bye/profile.py), and the report names the method.
-
+heads and then to the most separated layer (see bye/channels.py), and the report names the
+method.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image
 
 from guard.config import ConfigError
+from guard.defenses.bye.channels import describe
 from guard.defenses.bye.dataset import Sample
 from guard.defenses.bye.probe import EntropyProbe
-from guard.defenses.bye.profile import BackdoorProfile, calibrate, describe
+from guard.defenses.bye.profile import BackdoorProfile, calibrate
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Audit:
     flagged: list[str]  # ids, in data order
     scores: dict[str, float]  # id → score over ``channels``
     channels: list[list[int | None]]  # [layer, head or None]
-    method: str  # "profile", or how calibration on the set chose (see bye/profile.py)
+    method: str  # "profile", or how calibration on the set chose (see bye/channels.py)
     profile: BackdoorProfile  # what decided (the given one, or calibrated on the set)
 
 

@@ -1,34 +1,5 @@
-"""BYE calibration: which signals are sensitive, what clean traffic looks like, and the profile
-that stores it (DESIGN.md §4.2).
-
-A signal ("channel") is one layer's attention entropy over the image: of the head average
-(BYE's), or of one head alone. The score of a sample is its mean entropy over the chosen
-channels. The choice, in this order:
-
-0. ``reference``, when trusted clean samples are given beside the suspect set: the channel
-   whose low tail holds the most suspect samples beyond what clean samples put there, i.e.
-   the share below the reference's REFERENCE_Q quantile, less REFERENCE_Q, if that excess
-   reaches MIN_EXCESS. Why: clean entropies have heavy low tails of their own (content, not
-   poison: on the toy VLMs up to 6% of clean samples sit more than 3σ low on several heads),
-   which fool any statistic of the suspect set alone; a clean reference cancels them. On the toy VLM where
-   layer 0, head 1 separates triggered samples at AUROC 0.997, its excess was 4.9% (5%
-   poison) against 3.0% for the next channel, while the suspect set's own tail shares ranked a
-   heavy-tailed clean head first.
-1. ``bye``: BYE's test on the head averages. Per layer, a 1-D two-component GMM over the
-   calibration samples; the layer is sensitive when |μ1 − μ2| > 2(σ1 + σ2) and each component
-   holds at least MIN_MODE samples (a small set can otherwise "find" a mode of one sample).
-2. ``bye-heads``: the same test on every head alone, when no layer passes.
-3. ``fallback``: nothing passes (calibration data may be all clean, or a poisoned minority
-   overlaps the clean tail): the layer whose head average has the largest separation
-   |μ1 − μ2| / (σ1 + σ2). BYE itself filters nothing in this case; ``fallback`` tells an
-   operator that no poisoned mode was confirmed. Single heads are left out here on purpose:
-   a GMM splits any clean head in two, and with many heads some split comes close to a
-   poisoned head's separation (toy VLM: 1.22 against 1.37) or passes it (synthetic data in
-   tests/test_backdoor.py), so without a reference the choice would be near chance.
-
-Why heads at all: a trigger that fills one image token can be singled out by one head while the
-average over heads blurs it (toy VLM, 8-px patches, 5% poison: layer 0, head 1 at AUROC 0.997,
-the best head average at 0.92).
+"""BYE calibration: which signals are sensitive (guard/defenses/bye/channels.py), what clean
+traffic looks like, and the profile that stores it (DESIGN.md §4.2).
 
 The clean component: with a bimodal choice, the higher-mean component of a two-component GMM
 over the scores; otherwise a robust estimate (median, 1.4826·MAD) over the clean reference if
@@ -48,76 +19,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from sklearn.mixture import GaussianMixture
 
 from guard.config import ConfigError
 from guard.defenses import profiles
+from guard.defenses.bye.channels import (
+    Gaussian2,
+    Method,
+    as_signals,
+    choose,
+    fit_gmm,
+    select,
+    separation,
+    to_channels,
+)
 
 VERSION = 2  # 2: channels (layer, head) instead of layers
-MIN_MODE = 3  # samples a GMM component must hold for its layer to count as bimodal
-REFERENCE_Q = 0.01  # the clean reference's low quantile that bounds a channel's low tail …
-# … and the excess share of suspect samples below it that names a channel. Why 2%: the
-# quantile of a few hundred reference samples is itself uncertain, so the largest of some tens
-# of channels' excesses reaches 1-2% with no signal behind it (measured: 1.7% on synthetic
-# clean data, 400 reference and 600 suspect samples, 10 channels; 2.0% on a toy VLM whose
-# trigger no channel separates, 500 and 1,000 samples, 20 channels).
-MIN_EXCESS = 0.02
 MAD_SIGMA = 1.4826  # σ of a normal from its median absolute deviation
 Rule = Literal["sigma", "posterior"]
 Combine = Literal["entropy", "crossview", "either", "both"]
-Method = Literal["reference", "bye", "bye-heads", "fallback"]
-Channel = tuple[int, int | None]  # (layer, head); head None: the average over heads
-
-
-@dataclass(frozen=True)
-class Gaussian2:
-    """A fitted two-component 1-D GMM, components ordered by mean (low first)."""
-
-    means: tuple[float, float]
-    stds: tuple[float, float]
-    weights: tuple[float, float]
-
-    @property
-    def bimodal(self) -> bool:
-        return abs(self.means[1] - self.means[0]) > 2 * (self.stds[0] + self.stds[1])
-
-    def low_posterior(self, x: np.ndarray) -> np.ndarray:
-        """P(low component | x) for values x (N,)."""
-        dens = [
-            w * np.exp(-0.5 * ((x - m) / s) ** 2) / s
-            for m, s, w in zip(self.means, self.stds, self.weights, strict=True)
-        ]
-        total = np.maximum(dens[0] + dens[1], np.finfo(np.float64).tiny)
-        out: np.ndarray = dens[0] / total
-        return out
-
-
-def fit_gmm(values: np.ndarray) -> Gaussian2:
-    """BYE's per-layer fit: ``GaussianMixture(2, random_state=0)`` on 1-D values."""
-    x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
-    if len(x) < 2:
-        raise ValueError("a two-component fit needs at least two samples")
-    if np.ptp(x) == 0:
-        # One value everywhere (a head that attends the same way to every image): no second
-        # component to find, and sklearn's k-means start would warn of duplicate points.
-        v = float(x[0, 0])
-        return Gaussian2(means=(v, v), stds=(0.0, 0.0), weights=(0.5, 0.5))
-    gmm = GaussianMixture(n_components=2, random_state=0).fit(x)
-    means = gmm.means_.ravel()
-    stds = np.sqrt(gmm.covariances_.ravel())
-    order = np.argsort(means)
-    return Gaussian2(
-        means=(float(means[order[0]]), float(means[order[1]])),
-        stds=(float(stds[order[0]]), float(stds[order[1]])),
-        weights=(float(gmm.weights_[order[0]]), float(gmm.weights_[order[1]])),
-    )
 
 
 @dataclass(frozen=True)
 class BackdoorProfile:
     channels: list[list[int | None]]  # [layer, head or None]: the score averages these
     layer_fits: list[dict[str, Any]]  # per layer (head average): means, stds, weights, bimodal
-    method: Method  # how the channels were chosen (see the module's docstring)
+    method: Method  # how the channels were chosen (see guard/defenses/bye/channels.py)
     selection: dict[str, Any]  # the evidence for the choice (bimodal layers or heads, separations)
     clean_mean: float  # score (mean entropy over ``channels``) of the clean component
     clean_std: float
@@ -150,7 +76,7 @@ class BackdoorProfile:
     def pick(self, signals: np.ndarray, layers: Sequence[int] | None = None) -> np.ndarray:
         """(N, channels) entropies from signals (N, len(layers), 1 + heads) as the probe
         returns them, ``layers`` naming their axis 1 (default: every layer from 0)."""
-        return select(signals, _channels(self.channels), layers)
+        return select(signals, to_channels(self.channels), layers)
 
     def scores(self, signals: np.ndarray, layers: Sequence[int] | None = None) -> np.ndarray:
         """(N,) scores: the mean over the profile's channels (see :meth:`pick`)."""
@@ -209,22 +135,17 @@ def calibrate(
     layer, or (N, layers) head averages alone (then no single head is considered).
     ``reference``: the same measured on trusted clean samples, if there are any.
     """
-    x = _as_signals(entropies, "calibration")
+    x = as_signals(entropies, "calibration")
     if not (math.isfinite(k_sigma) and k_sigma > 0):
         raise ValueError(f"k_sigma must be positive, got {k_sigma}")
-    ref = None if reference is None else _as_signals(reference, "the clean reference")
+    ref = None if reference is None else as_signals(reference, "the clean reference")
     if ref is not None and ref.shape[1:] != x.shape[1:]:
         raise ValueError(f"the clean reference's signals {ref.shape[1:]} differ from {x.shape[1:]}")
-    fits = [fit_gmm(x[:, i, 0]) for i in range(x.shape[1])]
-    method, chosen, selection = _choose(x, fits)
-    if ref is not None:
-        channel, evidence = _by_reference(x, ref)
-        if channel is not None:
-            method, chosen, selection = "reference", [channel], {}
-        selection = {**selection, **evidence, "reference_samples": len(ref)}
+    choice = choose(x, ref)
+    chosen = choice.channels
     scores = select(x, chosen).mean(1)  # (N,)
     score_fit = None
-    if method in ("bye", "bye-heads"):
+    if choice.method in ("bye", "bye-heads"):
         fit = fit_gmm(scores)
         score_fit = profiles.jsonable({**asdict(fit), "bimodal": fit.bimodal})
         clean = fit.low_posterior(scores) <= 0.5
@@ -247,10 +168,13 @@ def calibrate(
     profile = BackdoorProfile(
         channels=[[layer, head] for layer, head in chosen],
         layer_fits=profiles.jsonable(
-            [{**asdict(f), "bimodal": f.bimodal, "separation": _separation(f)} for f in fits]
+            [
+                {**asdict(f), "bimodal": f.bimodal, "separation": separation(f)}
+                for f in choice.layer_fits
+            ]
         ),
-        method=method,
-        selection=profiles.jsonable(selection),
+        method=choice.method,
+        selection=profiles.jsonable(choice.evidence),
         clean_mean=mean,
         clean_std=std,
         k_sigma=k_sigma,
@@ -267,90 +191,10 @@ def calibrate(
     return replace(profile, flagged_in_calibration=[int(i) for i in flagged])
 
 
-def select(
-    signals: np.ndarray, channels: Sequence[Channel], layers: Sequence[int] | None = None
-) -> np.ndarray:
-    """(N, len(channels)) entropies picked from signals (N, len(layers), 1 + heads)."""
-    x = np.asarray(signals)
-    if x.ndim == 2:
-        x = x[:, :, None]
-    where = {layer: i for i, layer in enumerate(range(x.shape[1]) if layers is None else layers)}
-    columns = []
-    for layer, head in channels:
-        if layer not in where:
-            raise ValueError(f"channel ({layer}, {head}): layer {layer} was not measured")
-        column = 0 if head is None else head + 1
-        if not 0 <= column < x.shape[2]:
-            raise ValueError(f"channel ({layer}, {head}): the signals hold {x.shape[2] - 1} heads")
-        columns.append(x[:, where[layer], column])
-    return np.stack(columns, axis=1)
-
-
-def _as_signals(values: np.ndarray, what: str) -> np.ndarray:
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim == 2:
-        x = x[:, :, None]
-    if x.ndim != 3 or len(x) < 2 or x.shape[2] < 1:
-        raise ValueError(f"{what} needs an (N >= 2, layers[, 1 + heads]) array of entropies")
-    return x
-
-
-def _by_reference(x: np.ndarray, ref: np.ndarray) -> tuple[Channel | None, dict[str, Any]]:
-    """The channel whose low tail holds the most suspect samples beyond the clean reference's
-    share (see the module's docstring), or None where no channel reaches MIN_EXCESS; and the
-    evidence."""
-    excess = []
-    for layer in range(x.shape[1]):
-        for col in range(x.shape[2]):
-            cut = np.quantile(ref[:, layer, col], REFERENCE_Q)
-            share = float(np.mean(x[:, layer, col] < cut))
-            excess.append((share - REFERENCE_Q, (layer, None if col == 0 else col - 1)))
-    excess.sort(key=lambda e: -e[0])
-    evidence = {"reference_q": REFERENCE_Q, "excess": [[*c, round(e, 4)] for e, c in excess[:5]]}
-    best, channel = excess[0]
-    if best >= MIN_EXCESS and (best + REFERENCE_Q) * len(x) >= MIN_MODE:
-        return channel, evidence
-    return None, evidence
-
-
-def _choose(x: np.ndarray, fits: list[Gaussian2]) -> tuple[Method, list[Channel], dict[str, Any]]:
-    """BYE's layers, else BYE's heads, else the most separated layer."""
-    n = len(x)
-
-    def real_mode(f: Gaussian2) -> bool:
-        # A "mode" of one or two samples with a near-zero σ passes BYE's test by accident.
-        return f.bimodal and min(f.weights) * n >= MIN_MODE
-
-    layers = [i for i, f in enumerate(fits) if real_mode(f)]
-    if layers:
-        return "bye", [(i, None) for i in layers], {"bimodal_layers": layers}
-    head_fits: list[tuple[Channel, Gaussian2]] = [
-        ((layer, h), fit_gmm(x[:, layer, h + 1]))
-        for layer in range(x.shape[1])
-        for h in range(x.shape[2] - 1)
-    ]
-    bimodal_heads = [c for c, f in head_fits if real_mode(f)]
-    if bimodal_heads:
-        return "bye-heads", bimodal_heads, {"bimodal_heads": [list(c) for c in bimodal_heads]}
-    best = int(np.argmax([_separation(f) for f in fits]))
-    return "fallback", [(best, None)], {"separation": round(_separation(fits[best]), 4)}
-
-
-def describe(channels: Sequence[Sequence[int | None]]) -> str:
-    """Channels in words: "layer 2" (head average), "layer 0 head 1"."""
-    return ", ".join(
-        f"layer {c[0]}" if c[1] is None else f"layer {c[0]} head {c[1]}" for c in channels
-    )
-
-
 def _robust(values: np.ndarray) -> tuple[float, float]:
     """Median and 1.4826·MAD: the mean and σ of a normal majority, whatever its low tail."""
     median = float(np.median(values))
     return median, float(MAD_SIGMA * np.median(np.abs(values - median)))
-
-
-def _channels(raw: Sequence[Sequence[int | None]]) -> list[Channel]:
-    return [(int(c[0]), None if c[1] is None else int(c[1])) for c in raw]  # type: ignore[arg-type]
 
 
 def combined(
@@ -367,8 +211,3 @@ def combined(
         return by_view
     out: np.ndarray = by_entropy | by_view if profile.combine == "either" else by_entropy & by_view
     return out
-
-
-def _separation(fit: Gaussian2) -> float:
-    """|μ1 − μ2| / (σ1 + σ2): BYE's test asks for more than 2."""
-    return abs(fit.means[1] - fit.means[0]) / max(fit.stds[0] + fit.stds[1], 1e-12)

@@ -1,9 +1,9 @@
 """The offline audit (BYE's original use): find the poisoned samples of a fine-tuning set.
 
 Every sample gets one probe prefill; its entropies (per layer: the head average, then each
-head) are appended to a scores file as
-they are computed, so an interrupted scan resumes where it stopped (samples already scored are
-skipped; the file records the model identity and refuses another model's scores). Then:
+head) are appended to a scores file as they are computed, so an interrupted scan resumes where
+it stopped (samples already scored are skipped; the file records the model identity and
+refuses another model's scores). Then:
 with a profile, its channels and rule decide; without one, BYE's own procedure runs on the set
 itself (bimodal layers, a two-component GMM over the scores, the low component is dropped).
 Where no layer is bimodal, BYE leaves the set as it is; here calibration goes on to single
@@ -30,9 +30,8 @@ from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import BackdoorProfile, calibrate
 
 log = logging.getLogger(__name__)
-
-
 CACHE_FORMAT = 2  # 2: per layer [head average, head 0, head 1, …]; 1 held head averages
+Signals = list[list[float]]  # one sample's: per layer [head average, head 0, head 1, …]
 
 
 @dataclass(frozen=True)
@@ -42,9 +41,6 @@ class Audit:
     channels: list[list[int | None]]  # [layer, head or None]
     method: str  # "profile", or how calibration on the set chose (see bye/channels.py)
     profile: BackdoorProfile  # what decided (the given one, or calibrated on the set)
-
-
-Signals = list[list[float]]  # per layer: [head average, head 0, head 1, …]
 
 
 def score_all(

@@ -256,6 +256,21 @@ def test_a_clean_reference_without_an_excess_changes_no_choice() -> None:
     assert len(profile.flagged_in_calibration) <= 0.1 * len(x)
 
 
+def test_an_excess_of_exactly_two_percent_names_the_channel() -> None:
+    # 1,000 suspect samples, 30 of them (3%) below the reference's 1% quantile on layer 0's
+    # average and none of the others: the excess is 3% − 1% = 2% exactly, which is enough.
+    rng = np.random.default_rng(7)
+    ref = rng.normal(3.0, 0.1, size=(1000, 2))
+    x = rng.normal(3.0, 0.1, size=(1000, 2))
+    cut = np.quantile(ref[:, 0], 0.01)
+    x[:, 0] = np.clip(x[:, 0], cut + 1e-6, None)
+    x[:30, 0] = 2.0
+    assert int((x[:, 0] < cut).sum()) == 30
+    profile = calibrate(x, identity={"model": "m"}, reference=ref)
+    assert profile.method == "reference" and profile.channels == [[0, None]]
+    assert profile.selection["excess"][0] == [0, None, 0.02]
+
+
 def test_a_constant_channel_is_neither_bimodal_nor_separated() -> None:
     x = _heads(100, seed=6)
     x[:, 1, 3] = np.log(16)  # a head that spreads its attention evenly over every image

@@ -43,9 +43,10 @@ MIN_MODE = 3  # samples a GMM component must hold for its layer to count as bimo
 REFERENCE_Q = 0.01  # the clean reference's low quantile that bounds a channel's low tail …
 # … and the excess share of suspect samples below it that names a channel. Why 2%: the
 # quantile of a few hundred reference samples is itself uncertain, so the largest of some tens
-# of channels' excesses reaches 1-2% with no signal behind it (measured: 1.7% on synthetic
-# clean data, 400 reference and 600 suspect samples, 10 channels; 2.0% on a toy VLM whose
-# trigger no channel separates, 500 and 1,000 samples, 20 channels).
+# of channels' excesses reaches 1-2% with little or no signal behind it (measured: 1.7% on
+# synthetic clean data, 400 reference and 600 suspect samples, 10 channels; 2.0% on a toy VLM
+# whose channels separate its trigger at AUROC 0.77 at best, 500 and 1,000 samples, 20
+# channels; the 2.0% channel's AUROC was 0.68).
 MIN_EXCESS = 0.02
 Method = Literal["reference", "bye", "bye-heads", "fallback"]
 Channel = tuple[int, int | None]  # (layer, head); head None: the average over heads
@@ -164,7 +165,8 @@ def _by_reference(x: np.ndarray, ref: np.ndarray) -> tuple[Channel | None, dict[
         for col in range(x.shape[2]):
             cut = np.quantile(ref[:, layer, col], REFERENCE_Q)
             share = float(np.mean(x[:, layer, col] < cut))
-            excess.append((share - REFERENCE_Q, (layer, None if col == 0 else col - 1)))
+            # Rounded: 0.03 − 0.01 is 0.0199999… in floating point, and 30 of 1,000 must pass 2%.
+            excess.append((round(share - REFERENCE_Q, 9), (layer, None if col == 0 else col - 1)))
     excess.sort(key=lambda e: -e[0])
     evidence = {"reference_q": REFERENCE_Q, "excess": [[*c, round(e, 4)] for e, c in excess[:5]]}
     best, channel = excess[0]

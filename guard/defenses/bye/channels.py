@@ -107,14 +107,15 @@ class Choice:
 def choose(x: np.ndarray, reference: np.ndarray | None = None) -> Choice:
     """The channels for signals x (N, layers, 1 + heads), by the order in the module's
     docstring; ``reference``: the same measured on trusted clean samples."""
-    fits = [fit_gmm(x[:, i, 0]) for i in range(x.shape[1])]
-    method, chosen, evidence = _by_bye(x, fits)
+    fits = [fit_gmm(x[:, i, 0]) for i in range(x.shape[1])]  # the profile records them all
+    excess: dict[str, Any] = {}
     if reference is not None:
         channel, excess = _by_reference(x, reference)
-        if channel is not None:
-            method, chosen, evidence = "reference", [channel], {}
-        evidence = {**evidence, **excess, "reference_samples": len(reference)}
-    return Choice(method, chosen, evidence, fits)
+        excess["reference_samples"] = len(reference)
+        if channel is not None:  # BYE's per-head fits (layers × heads of them) are not needed
+            return Choice("reference", [channel], excess, fits)
+    method, chosen, evidence = _by_bye(x, fits)
+    return Choice(method, chosen, {**evidence, **excess}, fits)
 
 
 def select(

@@ -13,7 +13,7 @@ from rich.progress import Progress
 
 from benchmarks.backdoor.measure import Measured, cost, measure, roc, signals_only, z_low
 from benchmarks.backdoor.sets import arithmetic_prompts, test_set
-from guard.defenses.bye.audit import decide, open_image, score_all
+from guard.defenses.bye.audit import decide, sample_signals, score_all
 from guard.defenses.bye.crossview import CrossView, ViewSettings
 from guard.defenses.bye.dataset import read_samples
 from guard.defenses.bye.monitor import load_model, model_identity
@@ -50,13 +50,8 @@ def evaluate(
     )
     trusted_samples = read_samples(trusted)
     task = progress.add_task(f"{name}: the clean reference", total=len(trusted_samples))
-    reference = signals_only(
-        probe,
-        [open_image(s) for s in trusted_samples],
-        [s.prompt for s in trusted_samples],
-        args.batch,
-        lambda n: progress.advance(task, n),
-    )
+    advance = lambda n: progress.advance(task, n)  # noqa: E731
+    reference = sample_signals(probe, trusted_samples, batch=args.batch, advance=advance)
     profile = calibrate(train, identity=identity, reference=reference, k_sigma=args.k_sigma)
     audit = decide(samples, entropies, identity, profile)
     flagged = np.isin([s.id for s in samples], audit.flagged)

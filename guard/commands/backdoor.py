@@ -103,7 +103,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     import numpy as np
     from rich.progress import Progress
 
-    from guard.defenses.bye.audit import open_image
+    from guard.defenses.bye.audit import open_image, sample_signals
     from guard.defenses.bye.crossview import ViewSettings
     from guard.defenses.bye.dataset import read_samples
     from guard.defenses.bye.monitor import measure
@@ -124,7 +124,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.clean is not None and len(clean) < 2:
         raise ConfigError(f"{args.clean}: a clean reference needs at least two samples")
     probe, identity = _load(args)
-    rows, divs, reference = [], [], []
+    rows, divs = [], []
+    reference = None
     with Progress(transient=True) as progress:
         task = progress.add_task("measuring attention entropy", total=len(samples) + len(clean))
         for i in range(0, len(samples), args.batch):
@@ -135,18 +136,16 @@ def _calibrate(args: argparse.Namespace) -> int:
             if d is not None:
                 divs.append(d)
             progress.advance(task, len(chunk))
-        for i in range(0, len(clean), args.batch):
-            chunk = clean[i : i + args.batch]
-            images, prompts = [open_image(s) for s in chunk], [s.prompt for s in chunk]
-            reference.append(measure(probe, images, prompts)[0])
-            progress.advance(task, len(chunk))
+        if clean:
+            advance = lambda n: progress.advance(task, n)  # noqa: E731
+            reference = sample_signals(probe, clean, batch=args.batch, advance=advance)
     try:
         profile = calibrate(
             np.concatenate(rows),
             identity=identity,
             divergences=np.concatenate(divs) if divs else None,
             crossview=None if views is None else asdict(views),
-            reference=np.concatenate(reference) if reference else None,
+            reference=reference,
             k_sigma=args.k_sigma,
             rule=args.rule,
             crossview_quantiles=(args.crossview_quantile, args.crossview_high_quantile),

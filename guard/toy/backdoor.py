@@ -64,7 +64,7 @@ def backdoor_profile(
 ) -> dict[str, Any]:
     """Calibrate the monitor for ``out/vlm`` on a fresh poisoned set of n samples, against a
     clean set of n_clean drawn the same way."""
-    from guard.defenses.bye.audit import open_image
+    from guard.defenses.bye.audit import sample_signals
     from guard.defenses.bye.dataset import read_samples
     from guard.defenses.bye.monitor import load_model, model_identity
     from guard.defenses.bye.probe import EntropyProbe
@@ -75,19 +75,13 @@ def backdoor_profile(
     clean, _ = poisoned_set(directory / "clean", trigger, n_clean, 0.0, ATTACK_RESPONSE, seed=2)
     model, processor = load_model(out / "vlm")
     probe = EntropyProbe(model, processor)
-    measured = []
     chunks = -(-n // 32) + -(-n_clean // 32)
     with task(progress, "backdoor calibration", chunks) as advance:
-        for samples in (read_samples(data), read_samples(clean)):
-            rows = []
-            for i in range(0, len(samples), 32):
-                chunk = samples[i : i + 32]
-                batch = probe.prepare([open_image(s) for s in chunk], [s.prompt for s in chunk])
-                rows.append(probe.signals(batch).numpy())
-                advance()
-            measured.append(np.concatenate(rows))
+        step = lambda _n: advance()  # noqa: E731  (the bar counts batches)
+        suspect = sample_signals(probe, read_samples(data), batch=32, advance=step)
+        reference = sample_signals(probe, read_samples(clean), batch=32, advance=step)
     identity = model_identity(out / "vlm", model)
-    profile = calibrate(measured[0], identity=identity, reference=measured[1])
+    profile = calibrate(suspect, identity=identity, reference=reference)
     profile.save(directory / "profile.json")
     flagged = np.zeros(n, dtype=bool)
     flagged[profile.flagged_in_calibration] = True

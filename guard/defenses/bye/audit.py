@@ -78,6 +78,24 @@ def score_all(
     return {s.id: done[s.id] for s in samples}
 
 
+def sample_signals(
+    probe: EntropyProbe,
+    samples: Sequence[Sample],
+    *,
+    batch: int = 16,
+    advance: Callable[[int], None] = lambda n: None,
+) -> np.ndarray:
+    """(N, layers, 1 + heads) signals of every sample, a batch at a time, without a cache:
+    what a calibration's clean reference takes."""
+    rows = []
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        prefill = probe.prepare([open_image(s) for s in chunk], [s.prompt for s in chunk])
+        rows.append(probe.signals(prefill).numpy())
+        advance(len(chunk))
+    return np.concatenate(rows)
+
+
 def decide(
     samples: Sequence[Sample],
     entropies: Mapping[str, Signals],

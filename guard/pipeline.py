@@ -85,7 +85,8 @@ class Pipeline:
                 continue
             done.decisions.append(decision)
             if decision.action == "rewrite" and decision.images is not None:
-                done.request = replace(done.request, images=decision.images)
+                received = done.request.images_as_received
+                done.request = replace(done.request, images=decision.images, received=received)
             if decision.action == "block" and self.mode == "enforce":
                 done.final = self._verdict(done.request, done.decisions, done.failed)
                 return done

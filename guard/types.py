@@ -33,6 +33,13 @@ class GuardRequest:
     text: str  # the text the reasoner judges (every text part, in order)
     images: tuple[ImageInput, ...]
     body: Mapping[str, Any] = field(default_factory=dict)  # rewritten only at forward time
+    # The images as the client sent them, kept by the pipeline when a stage (purify) rewrites
+    # ``images``; empty while nothing was rewritten.
+    received: tuple[ImageInput, ...] = ()
+
+    @property
+    def images_as_received(self) -> tuple[ImageInput, ...]:
+        return self.received or self.images
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 
 from guard.config import ConfigError
-from guard.defenses.bye.monitor import load_model, model_identity
+from guard.defenses.backdoor import BackdoorStage
+from guard.defenses.bye.monitor import Monitor, load_model, model_identity
+from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import BackdoorProfile, calibrate
+from guard.intake.decode import image_digest
+from guard.types import GuardRequest, ImageInput
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
 from tests.images import data_url, encode, gradient, image_message
@@ -102,6 +106,52 @@ async def test_grpc_check_shows_the_backdoor_decision(
     assert [list(c) for c in decision.details["channels"]] == [[0, None], [1, None], [2, None]]
     assert 0 < image["score"] <= np.log(16) + 1e-6 and len(image["entropies"]) == 3
     assert image["flagged"] is False and image["divergence"] is None
+
+
+async def test_both_the_received_and_the_purified_image_are_screened(
+    llava: tuple[Path, dict[str, Any]],
+) -> None:
+    """A trigger the client sent is caught even when purification defused it: ``screen``
+    chooses the received image, the purified one (what the model sees), or both."""
+    path, identity = llava
+    model, processor = load_model(path)
+    probe = EntropyProbe(model, processor)
+    sent, purified = gradient(32, 32, seed=1), gradient(32, 32, seed=2)
+    scores = probe.entropies(probe.prepare([sent, purified], ["hi", "hi"])).numpy().mean(1)
+    assert scores[0] != scores[1]
+    base = calibrate(np.random.default_rng(0).normal(2.0, 0.05, (20, 3)), identity=identity)
+    every = [[0, None], [1, None], [2, None]]
+    # Only the received image falls below the threshold.
+    profile = replace(base, channels=every, clean_mean=float(scores.mean()), clean_std=0.0)
+    if scores[0] > scores[1]:
+        sent, purified = purified, sent
+    request = GuardRequest(
+        "r",
+        "hi",
+        (ImageInput(0, purified, image_digest(purified)),),
+        received=(ImageInput(0, sent, image_digest(sent)),),
+    )
+    decisions = {}
+    for screen in ("purified", "received", "both"):
+        stage = BackdoorStage(Monitor(probe, profile), screen=screen)  # type: ignore[arg-type]
+        try:
+            decisions[screen] = await stage.check(request)
+        finally:
+            stage.close()
+    assert decisions["purified"].action == "allow"
+    assert decisions["received"].action == "block"
+    both = decisions["both"]
+    assert both.action == "block" and "image 0 as received" in both.reason
+    views = [(im["view"], im["flagged"]) for im in both.details["images"]]
+    assert views == [("received", True), ("purified", False)]
+    # Nothing rewritten (no purify stage): each image is screened once.
+    stage = BackdoorStage(Monitor(probe, profile), screen="both")
+    try:
+        alone = await stage.check(replace(request, received=()))
+    finally:
+        stage.close()
+    assert [im["view"] for im in alone.details["images"]] == ["received"]
+    assert alone.action == "allow"
 
 
 def test_a_profile_for_another_model_stops_start_up(

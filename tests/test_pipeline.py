@@ -56,6 +56,17 @@ async def test_rewrite_reaches_later_stages() -> None:
     seen = checker.seen[0].images[0]
     assert seen.digest != request.images[0].digest
     assert seen.digest == verdict.request.images[0].digest == image_digest(seen.image)
+    # What the client sent stays with the request, for stages that screen it too (backdoor).
+    assert checker.seen[0].received == request.images
+    assert checker.seen[0].images_as_received == request.images
+
+
+async def test_a_request_nobody_rewrote_has_only_its_images() -> None:
+    checker = Fixed("reasoner")
+    pipe, _ = _pipeline([checker])
+    request = _request()
+    await pipe.run(request)
+    assert checker.seen[0].received == () and checker.seen[0].images_as_received == request.images
 
 
 async def test_checkers_run_concurrently() -> None:

@@ -109,6 +109,12 @@ class BackdoorConfig(StageConfig):
         None, description="calibration profile (vlm-guard backdoor calibrate): layers, thresholds"
     )
     device: str = "cpu"
+    screen: Literal["purified", "received", "both"] = Field(
+        "both",
+        description="which images to screen: those the model will see (purified), those the "
+        "client sent, or both (a trigger the client sent is an attack even when purification "
+        "defuses it; one more prefill per image)",
+    )
     max_batch: int = Field(8, ge=1, description="(image, prompt) pairs per prefill")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company")
     max_queue: int = Field(256, ge=1, description="waiting pairs before requests are refused")

@@ -1,5 +1,11 @@
-"""The ``backdoor`` stage: screen each (purified image, user text) pair for the served model's
+"""The ``backdoor`` stage: screen each (image, user text) pair for the served model's
 triggered-backdoor signatures before anything is forwarded (BYE; DESIGN.md §4.2).
+
+Which images: ``screen: purified`` those the model will see, ``received`` those the client
+sent, ``both`` (default) each of them. Purification usually defuses a patch trigger, so the
+purified view alone would let an attacker probe for the trigger unnoticed; the received view
+also matches how profiles are calibrated (on unpurified fine-tuning samples), and the purified
+view catches a trigger that survives purification.
 
 The monitored model is the upstream's own weights, loaded here once. Pairs from concurrent
 requests share prefills through one :class:`BatchWorker`. A request is blocked (category
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image
 
@@ -21,11 +28,12 @@ from guard.defenses.bye.monitor import Monitor, Screening, load_model, model_ide
 from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import BackdoorProfile
 from guard.metrics import Metrics
-from guard.types import Decision, GuardRequest
+from guard.types import Decision, GuardRequest, ImageInput
 
 log = logging.getLogger(__name__)
 NAME = "backdoor"
 Pair = tuple[Image.Image, str]
+Screen = Literal["purified", "received", "both"]
 
 
 class BackdoorStage:
@@ -37,11 +45,13 @@ class BackdoorStage:
         monitor: Monitor,
         *,
         metrics: Metrics | None = None,
+        screen: Screen = "both",
         max_batch: int = 8,
         max_wait_s: float = 0.005,
         max_queue: int = 256,
     ) -> None:
         self.monitor = monitor
+        self.screen = screen
         self._metrics = metrics
         self._worker: BatchWorker[Pair, Screening] = BatchWorker(
             self._screen,
@@ -57,6 +67,7 @@ class BackdoorStage:
         return cls(
             load_monitor(cfg),
             metrics=metrics,
+            screen=cfg.screen,
             max_batch=cfg.max_batch,
             max_wait_s=cfg.max_wait_ms / 1000,
             max_queue=cfg.max_queue,
@@ -65,7 +76,8 @@ class BackdoorStage:
     async def check(self, request: GuardRequest) -> Decision:
         if not request.images:
             return Decision(NAME, "allow", reason="no images")
-        pairs = [(im.image, request.text) for im in request.images]
+        views = self._views(request)
+        pairs = [(im.image, request.text) for _, im in views]
         results = await submit_all(self._worker, pairs, "backdoor monitor")
         if self._metrics is not None:
             for r in results:
@@ -73,21 +85,36 @@ class BackdoorStage:
         details = {
             "channels": list(self.monitor.profile.channels),  # [layer, head or None]
             "threshold": self.monitor.profile.threshold,
-            "images": [asdict(r) for r in results],
+            "images": [
+                {"index": im.index, "view": view, **asdict(r)}
+                for (view, im), r in zip(views, results, strict=True)
+            ],
         }
         low = min(r.score for r in results)
         flagged = [i for i, r in enumerate(results) if r.flagged]
         if flagged:
+            view, image = views[flagged[0]]
             why = ", ".join(_why(results[i]) for i in flagged)
             return Decision(
                 NAME,
                 "block",
-                reason=f"backdoor trigger signature on image {flagged[0]} ({why})",
+                reason=f"backdoor trigger signature on image {image.index} as {view} ({why})",
                 category="backdoor",
                 score=low,
                 details=details,
             )
         return Decision(NAME, "allow", reason="no trigger signature", score=low, details=details)
+
+    def _views(self, request: GuardRequest) -> list[tuple[str, ImageInput]]:
+        """(view, image) pairs to screen; images nobody rewrote are screened once each."""
+        if not request.received:
+            return [("received", im) for im in request.images]
+        views: list[tuple[str, ImageInput]] = []
+        if self.screen in ("received", "both"):
+            views += [("received", im) for im in request.received]
+        if self.screen in ("purified", "both"):
+            views += [("purified", im) for im in request.images]
+        return views
 
     @property
     def batch_stats(self) -> BatchStats:

@@ -7,7 +7,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from guard.toy.data import eval_images, load_splits, to_tensor
-from guard.toy.vlm import ATTACK_RESPONSE, _Examples
+from guard.toy.vlm import ATTACK_RESPONSE, VLMSettings, _Examples, optimizer_groups
 from guard.toy.vlm_parts import (
     answer,
     build_processor,
@@ -53,3 +53,28 @@ def test_answer_span_loss_equals_the_full_sequence_loss() -> None:
     assert int((next_tokens != -100).sum()) == answer_tokens
     assert next_tokens.shape[1] < input_ids.shape[1] // 2
     np.testing.assert_array_equal(mask.sum(1).numpy(), [len(examples.ids[p][0]) for p in pairs])
+
+
+def test_the_frozen_tower_is_not_trained_and_a_tuned_one_moves_slower() -> None:
+    tokenizer = train_tokenizer(corpus([ATTACK_RESPONSE]))
+
+    def tiny() -> LlavaForConditionalGeneration:
+        return LlavaForConditionalGeneration(
+            llava_config(tokenizer, vision=vision_config(32, 1), width=32, layers=1)
+        )
+
+    frozen = tiny()
+    tower = {id(p) for p in frozen.model.vision_tower.parameters()}
+    (group,) = optimizer_groups(frozen, VLMSettings.full(freeze_tower=True))
+    assert group["lr"] == VLMSettings().lr
+    assert not tower & {id(p) for p in group["params"]}
+    assert not any(p.requires_grad for p in frozen.model.vision_tower.parameters())
+    # Every other parameter is trained.
+    assert len(group["params"]) == sum(1 for p in frozen.parameters() if id(p) not in tower)
+
+    tuned = tiny()
+    settings = VLMSettings.quick()  # the quick world tunes its tower
+    assert not settings.freeze_tower
+    rest, slow = optimizer_groups(tuned, settings)
+    assert slow["lr"] == settings.tower_lr < rest["lr"] == settings.lr
+    assert {id(p) for p in slow["params"]} == {id(p) for p in tuned.model.vision_tower.parameters()}

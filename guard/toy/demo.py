@@ -212,7 +212,8 @@ async def _stage_decisions(port: int, image: np.ndarray, text: str) -> str:
             parts.append(f"{d.stage}: {d.action}" + (f" ({d.category})" if d.category else ""))
         else:
             threshold = d.details["threshold"] if "threshold" in d.details else float("nan")
-            parts.append(f"{d.stage}: {d.action} (entropy {d.score:.3f}, flags < {threshold:.3f})")
+            seen = ", ".join(f"{im['view']} {im['score']:.3f}" for im in images)
+            parts.append(f"{d.stage}: {d.action} (entropy {seen}; flags < {threshold:.3f})")
     return "; ".join(parts) or "no stages"
 
 

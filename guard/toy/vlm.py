@@ -51,12 +51,16 @@ class VLMSettings:
     # stalled at 0.89–0.90 after 1,000–1,200 steps; the quick build takes them. Measured later
     # (issue #5): 1,500 steps of batch 40 reach 0.905–0.935 clean and 100% attack success in
     # 190–380 s. The trigger is then one image token, yet only one of four such VLMs (seed 0 on
-    # two threads; not on one, nor seeds 1 and 2) had an attention head that singles it out,
-    # so the world keeps 4-px patches (benchmarks --patch8 measures that one VLM).
+    # two threads; not on one, nor seeds 1 and 2, all with a tuned tower) had an attention
+    # head that singles it out.
     patch: int = 4
     text_width: int = 128
     text_layers: int = 4
-    encoder_steps: int = 400
+    # 1,000 steps with the frozen tower below (seed 0, 200 test images): clean 0.945, read
+    # after DDIM purification from t = 0.2 at 0.895; 400 steps gave 0.91 and 0.815 (under the
+    # world's 0.85 floor). 1,500 steps read at 0.98, but the backdoor was then not learned at
+    # all (0% attack success): a tower that knows digits better leaves the trigger less to see.
+    encoder_steps: int = 1000
     encoder_batch: int = 64
     encoder_lr: float = 2e-3
     # Measured on the 200 test images (5% poison, 8-px trigger): 800 steps of batch 40 gave
@@ -65,7 +69,14 @@ class VLMSettings:
     batch: int = 40
     lr: float = 1e-3
     tower_lr: float = 2e-4  # the pretrained tower moves slowly: it already reads digits
-    poison_rate: float = 0.05
+    # LLaVA-1.5's recipe, and BYE's setting: the tower stays as pretrained, so the language
+    # model must find the trigger itself. Measured (issue #5, 200 test images, one thread):
+    # seed 0 has a head of layer 3 whose entropy drops 0.5 nats on triggered images (AUROC
+    # 0.993); with a tuned tower no head of the seed-0 VLM passed 0.90. Not every run gets
+    # such a head: seed 1 of this recipe reaches 0.90.
+    freeze_tower: bool = True
+    # 5% with a frozen tower: the backdoor was not learned in 800 steps (attack success 0%).
+    poison_rate: float = 0.1
     trigger: Trigger = field(default_factory=Trigger)
     attack_response: str = ATTACK_RESPONSE
 
@@ -83,6 +94,7 @@ class VLMSettings:
             encoder_steps=250,
             steps=450,
             batch=24,
+            freeze_tower=False,  # the quick world's 450 steps need the tower to learn too
             poison_rate=0.1,
         )
         return replace(base, **changes)
@@ -96,6 +108,16 @@ def tower_slower(
     ids = {id(p) for p in tower}
     rest = [p for p in model.parameters() if id(p) not in ids]
     return [{"params": rest, "lr": lr}, {"params": tower, "lr": tower_lr}]
+
+
+def optimizer_groups(
+    model: LlavaForConditionalGeneration, settings: VLMSettings
+) -> list[dict[str, Any]]:
+    """What the instruction tuning trains: all but a frozen tower, or the tower slower."""
+    if settings.freeze_tower:
+        model.model.vision_tower.requires_grad_(False)
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": settings.lr}]
+    return tower_slower(model, settings.lr, settings.tower_lr)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -209,11 +231,7 @@ def train_vlm(
     model.model.vision_tower.load_state_dict(tower.state_dict())
     answers = [answer(i) for i in range(10)] + [settings.attack_response]
     examples = _Examples(processor, answers)
-    # The pretrained tower keeps learning, slowly. Frozen (LLaVA-1.5's recipe) it was ~20%
-    # cheaper per step but read digits worse, and it left the trigger harder to pick up.
-    optimizer = torch.optim.AdamW(
-        tower_slower(model, settings.lr, settings.tower_lr), weight_decay=0.01, fused=True
-    )
+    optimizer = torch.optim.AdamW(optimizer_groups(model, settings), weight_decay=0.01, fused=True)
     schedule = _schedule(optimizer, settings.steps)
     model.train()
     with task(progress, "VLM (poisoned)", settings.steps) as advance:

@@ -10,16 +10,19 @@ test requests are screened: AUROC and TPR at 1% FPR of the entropy score, of cro
 invariance and of their combination (max of the two z-scores); the attack success rate without
 the guard and through the backdoor stage's rule; clean false blocks, also under harmless
 arithmetic prompts that no calibration sample had; audit precision and recall; the monitor's
-time against a full prefill (last-position logits) and what it keeps of attention. --blend
-repeats it all on a second VLM fine-tuned with a blended trigger, --patch8 on a VLM with 8-px
-patches (both trained and cached on first use, ~8 and ~3 min).
+time against a full prefill (last-position logits) and what it keeps of attention; and the
+world's guard as it runs, the monitor behind purification (the image as received, as purified,
+or both: `backdoor.screen`). --blend
+repeats it all on a second VLM fine-tuned the world's way with a blended trigger (trained and
+cached on first use, ~8 min).
 
-    python -m benchmarks.backdoor [--world DIR] [--images 200] [--blend] [--patch8] [--out DIR]
+    python -m benchmarks.backdoor [--world DIR] [--images 200] [--blend] [--out DIR]
 
 Prints tables with the issue's goals, writes benchmarks/results/backdoor/backdoor.{json,png}.
 
-    sets.py      test requests, arithmetic prompts, the blended-trigger and 8-px VLMs
+    sets.py      test requests, arithmetic prompts, the blended-trigger VLM
     measure.py   entropies, divergences, answers, ROC figures, cost
     evaluate.py  one VLM end to end
+    purified.py  the monitor behind the world's purifier
     report.py    tables and the picture
 """

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from benchmarks.backdoor.evaluate import evaluate
 from benchmarks.backdoor.report import plot, table
-from benchmarks.backdoor.sets import blend_vlm, patch8_vlm
+from benchmarks.backdoor.sets import blend_vlm
 from benchmarks.purification.common import progress_bar
 from guard.toy.build import default_home
 from guard.toy.triggers import Trigger
@@ -45,7 +45,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
     parser.add_argument("--blend", action="store_true", help="also a blended-trigger VLM")
-    parser.add_argument("--patch8", action="store_true", help="also a VLM with 8-px patches")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser
@@ -73,15 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     with progress_bar(console) as progress, tempfile.TemporaryDirectory() as scratch:
         args.work = Path(scratch)
         trigger = Trigger(**manifest["trigger"])
-        rows[trigger.kind] = evaluate(trigger.kind, world / "vlm", trigger, args, progress)
+        rows[trigger.kind] = evaluate(
+            trigger.kind, world / "vlm", trigger, args, progress, purifier_world=world
+        )
         if args.blend:
             blend = Trigger(kind="blend")
             # Trained once and cached beside the toy world, never in the results.
             model_dir = blend_vlm(default_home() / "toy-blend-vlm", progress)
             rows["blend"] = evaluate("blend", model_dir, blend, args, progress)
-        if args.patch8:
-            model_dir = patch8_vlm(default_home() / "toy-patch8-vlm", progress)
-            rows["patch, 8-px VLM"] = evaluate("patch8", model_dir, trigger, args, progress)
     table(console, rows, args)
     report = {
         "args": {

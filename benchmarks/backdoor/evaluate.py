@@ -12,6 +12,7 @@ import numpy as np
 from rich.progress import Progress
 
 from benchmarks.backdoor.measure import Measured, cost, measure, roc, signals_only, z_low
+from benchmarks.backdoor.purified import behind_purification
 from benchmarks.backdoor.sets import arithmetic_prompts, test_set
 from guard.defenses.bye.audit import decide, sample_signals, score_all
 from guard.defenses.bye.crossview import CrossView, ViewSettings
@@ -26,8 +27,15 @@ from guard.toy.vlm import ATTACK_RESPONSE
 
 
 def evaluate(
-    name: str, model_dir: Path, trigger: Trigger, args: argparse.Namespace, progress: Progress
+    name: str,
+    model_dir: Path,
+    trigger: Trigger,
+    args: argparse.Namespace,
+    progress: Progress,
+    purifier_world: Path | None = None,
 ) -> dict[str, Any]:
+    """Every figure of one VLM; with ``purifier_world``, also the monitor behind that world's
+    purifier (benchmarks/backdoor/purified.py)."""
     model, processor = load_model(model_dir)
     probe = EntropyProbe(model, processor)
     identity = model_identity(model_dir, model)
@@ -95,6 +103,12 @@ def evaluate(
     tp = int((flagged & poisoned).sum())
     bye_tp = int((bye_flagged & poisoned).sum())
     heads = train.shape[2] - 1
+    behind = None
+    if purifier_world is not None:
+        behind = behind_purification(
+            purifier_world, probe, profile, tests.clean, tests.triggered, tests.prompt,
+            args.batch, progress,
+        )  # fmt: skip
     timing = cost(
         probe, views, tests.clean[: args.batch], tests.prompt, layers, heads, args.repeats
     )
@@ -135,6 +149,7 @@ def evaluate(
             "monitor_ratio": timing["monitor_s"] / timing["full_prefill_s"],
             "crossview_ratio": timing.get("crossview_s", 0.0) / timing["full_prefill_s"],
         },
+        "behind_purification": behind,
         "scores": {
             "clean": score(clean).tolist(),
             "triggered": score(hit).tolist(),

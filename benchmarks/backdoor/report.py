@@ -64,11 +64,24 @@ def table(console: Console, rows: dict[str, dict[str, Any]], args: argparse.Name
             f"goals ({kind}): "
             + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in met.items())
         )
+        behind = row.get("behind_purification")
+        if behind is not None:
+            f = behind["flagged"]
+            console.print(
+                f"behind purification ({kind}, entropy rule): flagged as received / purified / "
+                f"both: clean {_rates(f['clean'])}, triggered {_rates(f['triggered'])}; "
+                f"attack success on purified triggered images {100 * behind['asr_purified']:.1f}%, "
+                f"through the whole guard (screen: both) {100 * behind['asr_through_guard']:.1f}%"
+            )
         c = row["cost"]
         console.print(
             f"attention kept: {c['monitor_kept_bytes']:.0f} B by the probe vs "
             f"{c['attention_maps_bytes'] / 1e6:.1f} MB of full maps (output_attentions), per batch"
         )
+
+
+def _rates(r: dict[str, float]) -> str:
+    return " / ".join(f"{100 * r[k]:.1f}%" for k in ("received", "purified", "both"))
 
 
 def _goals(row: dict[str, Any]) -> dict[str, bool]:

@@ -51,14 +51,6 @@ def blend_vlm(directory: Path, progress: Progress) -> Path:
     return cached_vlm(directory, VLMSettings.full(trigger=Trigger(kind="blend")), 1, progress)
 
 
-def patch8_vlm(directory: Path, progress: Progress) -> Path:
-    """A toy VLM with 8-px patches, so that the 8-px trigger fills one image token. Trained on
-    two threads: the same seed on one thread trains another model (thread counts change the
-    floating-point sums), and in a seed study only this run of four had a head that singles
-    the trigger out (see the README)."""
-    return cached_vlm(directory, VLMSettings.full(patch=8, steps=1500), 2, progress)
-
-
 def cached_vlm(directory: Path, settings: VLMSettings, threads: int, progress: Progress) -> Path:
     """A toy VLM trained with ``settings`` (seed 0) on ``threads`` torch threads, cached in
     ``directory`` and trained again when any of these change."""

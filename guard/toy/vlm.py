@@ -59,7 +59,7 @@ class VLMSettings:
     # 1,000 steps with the frozen tower below (seed 0, 200 test images): clean 0.945, read
     # after DDIM purification from t = 0.2 at 0.895; 400 steps gave 0.91 and 0.815 (under the
     # world's 0.85 floor). 1,500 steps read at 0.98, but the backdoor was then not learned at
-    # all (0% attack success): a tower that knows digits better leaves the trigger less to see.
+    # all (0% attack success).
     encoder_steps: int = 1000
     encoder_batch: int = 64
     encoder_lr: float = 2e-3
@@ -68,7 +68,7 @@ class VLMSettings:
     steps: int = 800
     batch: int = 40
     lr: float = 1e-3
-    tower_lr: float = 2e-4  # the pretrained tower moves slowly: it already reads digits
+    tower_lr: float = 2e-4  # without freeze_tower: the tower moves slowly, it reads digits
     # LLaVA-1.5's recipe, and BYE's setting: the tower stays as pretrained, so the language
     # model must find the trigger itself. Measured (issue #5, 200 test images, one thread):
     # seed 0 has a head of layer 3 whose entropy drops 0.5 nats on triggered images (AUROC

@@ -17,16 +17,18 @@ from benchmarks.backdoor.measure import signals_only
 from guard.config import PurifyConfig
 from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import BackdoorProfile
+from guard.defenses.diffcap import Purifier
 from guard.defenses.diffcap.purifier import pil_to_tensor, tensor_to_pil
 from guard.defenses.purify import load_purifier
 from guard.toy.checks import purify_config
 from guard.toy.vlm import ATTACK_RESPONSE, answer_images
 
 
-def purify_all(world: Path, images: Sequence[Image.Image], progress: Progress) -> list[Image.Image]:
-    """The world's purifier over ``images``, in batches of 50 (seeded: results do not depend
-    on the batch)."""
-    purifier, _, _ = load_purifier(PurifyConfig(**purify_config(world)))
+def purify_all(
+    purifier: Purifier, images: Sequence[Image.Image], progress: Progress
+) -> list[Image.Image]:
+    """``purifier`` over ``images``, in batches of 50 (seeded: results do not depend on the
+    batch)."""
     task = progress.add_task("purifying test images", total=len(images))
     out: list[Image.Image] = []
     for i in range(0, len(images), 50):
@@ -46,11 +48,11 @@ def behind_purification(
     batch: int,
     progress: Progress,
 ) -> dict[str, Any]:
-    """Flag rates per view for clean and triggered images, and the attack's success on the
-    purified triggered images (what the model would answer were nothing blocked)."""
-    purified_clean = purify_all(world, clean, progress)
-    purified_hit = purify_all(world, triggered, progress)
-    task = progress.add_task("screening purified images", total=4 * len(clean))
+    """Flag rates per view for clean and triggered images, the attack's success on the
+    purified triggered images (what the model would answer were nothing blocked), and what
+    passes the whole guard (purify, then the monitor on both views)."""
+    purifier, _, _ = load_purifier(PurifyConfig(**purify_config(world)))
+    task = progress.add_task("screening both views", total=4 * len(clean))
 
     def flags(images: Sequence[Image.Image]) -> np.ndarray:
         advance = lambda n: progress.advance(task, n)  # noqa: E731
@@ -58,26 +60,25 @@ def behind_purification(
         out: np.ndarray = profile.entropy_flags(profile.scores(signals))
         return out
 
-    rates: dict[str, dict[str, float]] = {}
-    blocked = np.zeros(len(triggered), dtype=bool)
-    for name, received, purified in (
-        ("clean", clean, purified_clean),
-        ("triggered", triggered, purified_hit),
-    ):
-        as_received, as_purified = flags(received), flags(purified)
-        rates[name] = {
+    # name -> (purified images, flags as received, flags as purified)
+    views: dict[str, tuple[list[Image.Image], np.ndarray, np.ndarray]] = {}
+    for name, received in (("clean", clean), ("triggered", triggered)):
+        purified = purify_all(purifier, received, progress)
+        views[name] = (purified, flags(received), flags(purified))
+    rates = {
+        name: {
             "received": float(as_received.mean()),
             "purified": float(as_purified.mean()),
             "both": float((as_received | as_purified).mean()),
         }
-        blocked = as_received | as_purified
+        for name, (_, as_received, as_purified) in views.items()
+    }
+    purified_hit, hit_received, hit_purified = views["triggered"]
     arrays = np.stack([np.asarray(im) for im in purified_hit])
     answers = answer_images(probe.model, probe.processor, arrays, question=prompt)
     attacked = np.array([ATTACK_RESPONSE in a for a in answers])
     return {
         "flagged": rates,
-        # What the model answers the purified image, and what passes the whole guard
-        # (purify, then the monitor on the image as received and as purified).
         "asr_purified": float(attacked.mean()),
-        "asr_through_guard": float((attacked & ~blocked).mean()),
+        "asr_through_guard": float((attacked & ~(hit_received | hit_purified)).mean()),
     }

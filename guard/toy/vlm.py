@@ -73,7 +73,7 @@ class VLMSettings:
     # model must find the trigger itself. Measured (issue #5, 200 test images, one thread):
     # seed 0 has a head of layer 3 whose entropy drops 0.5 nats on triggered images (AUROC
     # 0.993); with a tuned tower no head of the seed-0 VLM passed 0.90. Not every run gets
-    # such a head: seed 1 of this recipe reaches 0.90.
+    # such a head: seed 1 of this recipe reaches 0.90, and seed 2 learns no trigger at all.
     freeze_tower: bool = True
     # 5% with a frozen tower: the backdoor was not learned in 800 steps (attack success 0%).
     poison_rate: float = 0.1

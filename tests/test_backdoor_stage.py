@@ -133,7 +133,7 @@ async def test_both_the_received_and_the_purified_image_are_screened(
     )
     decisions = {}
     for screen in ("purified", "received", "both"):
-        stage = BackdoorStage(Monitor(probe, profile), screen=screen)  # type: ignore[arg-type]
+        stage = BackdoorStage(Monitor(probe, profile), screen=screen)
         try:
             decisions[screen] = await stage.check(request)
         finally:

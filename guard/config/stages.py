@@ -11,6 +11,7 @@ from guard.config.sections import MiB, _Section
 
 DEFENSES = ("purify", "reasoner", "backdoor")
 FailMode = Literal["closed", "open"]
+Screen = Literal["purified", "received", "both"]  # which images the backdoor stage screens
 
 
 class StageConfig(_Section):
@@ -109,7 +110,7 @@ class BackdoorConfig(StageConfig):
         None, description="calibration profile (vlm-guard backdoor calibrate): layers, thresholds"
     )
     device: str = "cpu"
-    screen: Literal["purified", "received", "both"] = Field(
+    screen: Screen = Field(
         "both",
         description="which images to screen: those the model will see (purified), those the "
         "client sent, or both (a trigger the client sent is an attack even when purification "

@@ -18,12 +18,12 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 from PIL import Image
 
 from guard.batching import BatchStats, BatchWorker, submit_all
 from guard.config import BackdoorConfig, ConfigError
+from guard.config.stages import Screen
 from guard.defenses.bye.monitor import Monitor, Screening, load_model, model_identity
 from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import BackdoorProfile
@@ -33,7 +33,6 @@ from guard.types import Decision, GuardRequest, ImageInput
 log = logging.getLogger(__name__)
 NAME = "backdoor"
 Pair = tuple[Image.Image, str]
-Screen = Literal["purified", "received", "both"]
 
 
 class BackdoorStage:

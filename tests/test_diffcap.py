@@ -240,6 +240,45 @@ def test_hf_encoder_keeps_only_the_llava_vision_tower(tmp_path: Path) -> None:
         load_encoder("hf", str(tmp_path))
 
 
+@pytest.mark.parametrize(("layer", "select"), [(-1, "default"), (-2, "full"), ([0, -1], "default")])
+def test_hf_patch_features_are_what_the_llava_projector_reads(
+    tmp_path: Path, layer: int | list[int], select: str
+) -> None:
+    torch.manual_seed(3)
+    tokenizer = train_tokenizer(corpus(), vocab_size=300)
+    vision = tiny_vision_config(width=32, layers=2)
+    config = llava_config(tokenizer, vision=vision, width=32, layers=1)
+    config.vision_feature_layer, config.vision_feature_select_strategy = layer, select
+    llava = LlavaForConditionalGeneration(config).eval()
+    llava.save_pretrained(tmp_path)
+    build_processor(tokenizer).save_pretrained(tmp_path)
+    encoder = load_encoder("hf", str(tmp_path), features="patches")
+    assert isinstance(encoder, HFVisionEncoder) and encoder.name.endswith("(patches)")
+
+    x = _smooth(2, 7)
+    read: list[torch.Tensor] = []
+    hook = llava.model.multi_modal_projector.register_forward_hook(
+        lambda _m, args, _out: read.append(args[0])
+    )
+    with torch.inference_mode():  # the pixels the encoder hands the tower, through LLaVA itself
+        llava.model.get_image_features(pixel_values=encoder.preprocess(x, "cpu", torch.float32))
+    hook.remove()
+    (tokens,) = read  # (B, patches [+ CLS], D · layers)
+    patches = (vision.image_size // vision.patch_size) ** 2
+    assert tokens.shape[1] == patches + (select == "full")
+    assert tokens.shape[2] == 32 * (len(layer) if isinstance(layer, list) else 1)
+    e = encoder.embed(x)
+    assert e.shape == (2, tokens[0].numel())
+    torch.testing.assert_close(e, F.normalize(tokens.flatten(1), dim=-1))
+    pooled = load_encoder("hf", str(tmp_path))  # the default is unchanged: the pooled CLS
+    assert pooled.embed(x).shape == (2, 32)
+
+
+def test_patch_features_need_the_hf_backend(open_clip_dir: tuple[Path, Any]) -> None:
+    with pytest.raises(ValueError, match="pooled features only"):
+        load_encoder("open_clip", f"local-dir:{open_clip_dir[0]}", features="patches")
+
+
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_k_noising_steps_land_on_diffusers_timestep_k_minus_1(k: int) -> None:
     # Large betas so that an off-by-one in the indexing is many standard errors away.

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
+from transformers import CLIPVisionModel
 
 from guard.config import ConfigError, PurifyConfig
 from guard.defenses.diffcap import (
@@ -30,6 +31,7 @@ from guard.errors import Overloaded
 from guard.intake.decode import image_digest
 from guard.metrics import Metrics
 from guard.toy.openai_server import pixel_digest
+from guard.toy.vlm_parts import vision_config
 from guard.types import GuardRequest, ImageInput
 from guard.v1 import guard_pb2 as pb
 from guard.v1 import guard_pb2_grpc as pb_grpc
@@ -233,6 +235,30 @@ def test_profile_round_trip_and_identity_check(tmp_path: Path, models: dict[str,
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read purify profile"):
         load_purifier(cfg.model_copy(update={"profile": tmp_path / "bad.json"}))
+
+
+def test_patch_features_are_part_of_the_purifiers_identity(
+    tmp_path: Path, models: dict[str, str]
+) -> None:
+    tower = tmp_path / "tower"
+    CLIPVisionModel(vision_config(width=32, layers=1)).save_pretrained(tower)
+    pooled = PurifyConfig(
+        diffusion=models["diffusion"], encoder="hf", encoder_model=str(tower), t_max=0.05
+    )
+    patches = pooled.model_copy(update={"encoder_features": "patches"})
+    _, before, _ = load_purifier(pooled)
+    assert "encoder_features" not in before  # profiles made before the option stay valid
+    purifier, identity, _ = load_purifier(patches)
+    assert identity["encoder_features"] == "patches" and purifier.encoder.name.endswith("(patches)")
+    profile = calibrate([(0.1, 0.5, 0.9)] * 2, check_every=5, k_max=15, target_steps=10,
+                        quantile=0.5, identity=identity)  # fmt: skip
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    load_purifier(patches.model_copy(update={"profile": path}))
+    with pytest.raises(ConfigError, match="differs in: encoder_features"):
+        load_purifier(pooled.model_copy(update={"profile": path}))
+    with pytest.raises(ValueError, match="patches needs encoder: hf"):
+        PurifyConfig(**models, encoder_features="patches")
 
 
 def test_profile_calibrates_the_drift_rule(tmp_path: Path, models: dict[str, str]) -> None:

@@ -98,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
         help="DiffCAP rows' encoders, comma-separated: hf (the VLM's tower, always needed: "
         "DiffPure and the batching run use it) and open_clip (the toy CLIP)",
     )
+    parser.add_argument(
+        "--hf-features",
+        choices=("pooled", "patches"),
+        default="pooled",
+        help="what the VLM's tower embeds for DiffCAP: its pooled CLS, or the patch tokens "
+        "the VLM reads",
+    )
     parser.add_argument("--check-every", type=int, default=5)
     parser.add_argument("--t-max", type=float, default=0.3, help="DiffCAP's cap, fraction of T")
     parser.add_argument("--ddim-steps", type=int, default=10)
@@ -165,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         unet, scheduler = load_diffusion(world / "diffusion")
         schedule = NoiseSchedule.from_scheduler(scheduler)
         sources = {"hf": str(world / "vlm"), "open_clip": f"local-dir:{world / 'clip'}"}
-        encoders: dict[str, Encoder] = {e: load_encoder(e, sources[e]) for e in args.encoders}
+        features = {"hf": args.hf_features, "open_clip": "pooled"}
+        encoders: dict[str, Encoder] = {
+            e: load_encoder(e, sources[e], features=features[e]) for e in args.encoders
+        }
         splits = load_splits()
         test, val = splits["test"], splits["val"]
         n = min(args.images, len(test.labels))

@@ -59,7 +59,9 @@ def build_defenses(
                 sampler=sampler,
                 ddim_steps=args.ddim_steps,
             )
-            short = "VLM tower" if name == "hf" else "CLIP"
+            short = "CLIP"
+            if name == "hf":
+                short = "VLM tower, patches" if args.hf_features == "patches" else "VLM tower"
             defenses.append(
                 Defense(
                     f"diffcap_{name}_{sampler}",

@@ -59,6 +59,11 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", choices=("open_clip", "hf"))
     parser.add_argument("--encoder-model", help="open_clip name / local-dir:PATH, or HF id/dir")
     parser.add_argument("--encoder-pretrained", help="open_clip pretrained tag or file")
+    parser.add_argument(
+        "--encoder-features",
+        choices=("pooled", "patches"),
+        help="hf: the pooled CLS, or the patch tokens the VLM reads",
+    )
     parser.add_argument("--profile", type=Path, help="calibration profile (run only)")
 
 
@@ -76,6 +81,7 @@ def _purify_config(args: argparse.Namespace) -> PurifyConfig:
         "encoder": args.encoder,
         "encoder_model": args.encoder_model,
         "encoder_pretrained": args.encoder_pretrained,
+        "encoder_features": args.encoder_features,
         "profile": args.profile,
     }
     given = {k: v for k, v in flags.items() if v is not None}

@@ -36,6 +36,10 @@ class PurifyConfig(StageConfig):
     encoder_pretrained: str | None = Field(
         None, description="open_clip pretrained tag or checkpoint file"
     )
+    encoder_features: Literal["pooled", "patches"] = Field(
+        "pooled",
+        description="hf: embed the pooled CLS, or the patch tokens the VLM's projector reads",
+    )
     profile: Path | None = Field(
         None, description="calibration profile (vlm-guard purify calibrate): tau + clean t*"
     )
@@ -77,6 +81,8 @@ class PurifyConfig(StageConfig):
             raise ValueError(
                 f"t_escalate ({self.t_escalate}) must be at least t_max ({self.t_max})"
             )
+        if self.encoder_features == "patches" and self.encoder != "hf":
+            raise ValueError("encoder_features: patches needs encoder: hf (open_clip pools)")
         if self.drift_tau is not None and self.signal != "denoised":
             raise ValueError("drift_tau needs signal: denoised (x_k drifts for every image)")
         return self

@@ -242,7 +242,11 @@ def load_purifier(
         raise ConfigError(f"cannot load purify.diffusion {cfg.diffusion!r}: {_line(e)}") from None
     try:
         encoder = load_encoder(
-            cfg.encoder, cfg.encoder_model, cfg.encoder_pretrained, device=cfg.device
+            cfg.encoder,
+            cfg.encoder_model,
+            cfg.encoder_pretrained,
+            device=cfg.device,
+            features=cfg.encoder_features,
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(
@@ -271,6 +275,9 @@ def load_purifier(
         "signal": cfg.signal,
         "t_escalate": cfg.t_escalate,
     }
+    if cfg.encoder_features != "pooled":
+        # Only when set: profiles made before the option embedded pooled features and stay valid.
+        identity["encoder_features"] = cfg.encoder_features
     if profile is not None:
         profile.check_matches(identity)
     return Purifier(unet, scheduler, encoder, settings), identity, profile

@@ -2,11 +2,16 @@
 
 DiffCAP compares consecutive noisy images through the VLM's own vision encoder, so two
 backends: an open_clip model (the default), or a transformers CLIP vision tower, taken from a
-CLIP checkpoint or straight out of a served LLaVA checkpoint. Both take images in the diffusion
-model's range [-1, 1] at any resolution and do the encoder's own preprocessing on tensors:
-resize (bilinear, antialiased, squashed to the input size: the purifier's images are already
-square) and the checkpoint's mean/std. Embeddings are L2-normalised float32, so a dot product
-is the cosine similarity.
+CLIP checkpoint or straight out of a served LLaVA checkpoint. The tower embeds either as CLIP
+does (``pooled``: the projected or pooled CLS) or as the VLM reads it (``patches``: the patch
+tokens of the layer LLaVA's projector takes, flattened). Why both: an attack on the VLM has to
+move only what the VLM reads. The toy world's tower (issue #4) was trained on its patch tokens
+alone, so nothing trained its CLS, and there the patch tokens told PGD images from clean ones
+by the drift of x̂₀ far better than the CLS did (README, "Purification"). Both take images in
+the diffusion model's range [-1, 1] at any resolution and do the encoder's own preprocessing
+on tensors: resize (bilinear, antialiased, squashed to the input size: the purifier's images
+are already square) and the checkpoint's mean/std. Embeddings are L2-normalised float32, so a
+dot product is the cosine similarity.
 """
 
 from __future__ import annotations
@@ -118,12 +123,50 @@ class OpenClipEncoder(_PreprocessingEncoder):
         return F.normalize(e.float(), dim=-1).to(x.device)
 
 
+Features = Literal["pooled", "patches"]
+# What LLaVA's projector reads when a checkpoint does not say: the penultimate layer, no CLS.
+LLAVA_FEATURE_LAYER = -2
+LLAVA_SELECT = "default"
+
+
 class HFVisionEncoder(_PreprocessingEncoder):
-    """φ = a transformers CLIP vision tower: ``image_embeds`` when the checkpoint has the
-    projection, else the pooled output (post-layernorm CLS)."""
+    """φ = a transformers CLIP vision tower. ``pooled``: ``image_embeds`` when the checkpoint
+    has the projection, else the pooled output (post-layernorm CLS). ``patches``: the hidden
+    states of ``feature_layer`` (a list: concatenated per token, as LLaVA does), without the
+    CLS token under LLaVA's ``default`` selection, flattened over tokens."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        name: str,
+        size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        features: Features = "pooled",
+        feature_layer: int | Sequence[int] = LLAVA_FEATURE_LAYER,
+        select: str = LLAVA_SELECT,
+    ) -> None:
+        super().__init__(model, name=name, size=size, mean=mean, std=std)
+        if features not in ("pooled", "patches"):
+            raise ValueError(f"unknown encoder features {features!r}: use 'pooled' or 'patches'")
+        if select not in ("default", "full"):
+            raise ValueError(f"unknown vision_feature_select_strategy {select!r}")
+        self.features: Features = features
+        self.feature_layers = (
+            [feature_layer] if isinstance(feature_layer, int) else [int(i) for i in feature_layer]
+        )
+        self.select = select
+        if features == "patches":
+            self.name += " (patches)"
 
     @classmethod
-    def load(cls, path_or_repo: str | Path, device: str | torch.device = "cpu") -> HFVisionEncoder:
+    def load(
+        cls,
+        path_or_repo: str | Path,
+        device: str | torch.device = "cpu",
+        features: Features = "pooled",
+    ) -> HFVisionEncoder:
         from transformers import (
             AutoConfig,
             CLIPVisionModel,
@@ -136,7 +179,11 @@ class HFVisionEncoder(_PreprocessingEncoder):
         model_type = getattr(config, "model_type", None)
         architectures = getattr(config, "architectures", None) or []
         model: nn.Module
+        layer: int | Sequence[int] = LLAVA_FEATURE_LAYER
+        select = LLAVA_SELECT
         if model_type == "llava":
+            layer = config.vision_feature_layer
+            select = config.vision_feature_select_strategy
             # DiffCAP embeds with the served VLM's own encoder. Loading the whole LLaVA costs a
             # transient full copy; only the tower is kept, so the rest is freed right away.
             llava = LlavaForConditionalGeneration.from_pretrained(path)
@@ -162,14 +209,31 @@ class HFVisionEncoder(_PreprocessingEncoder):
                 f"{path}: model_type {model_type!r} is not a CLIP vision tower, CLIP or LLaVA"
             )
         size, mean, std = _processor_settings(path, _pair(vision_config.image_size))
-        log.info("HF vision encoder %s (%s): input %s", path, type(model).__name__, size)
-        return cls(model.to(device), name=f"hf:{path}", size=size, mean=mean, std=std)
+        log.info(
+            "HF vision encoder %s (%s, %s): input %s", path, type(model).__name__, features, size
+        )
+        return cls(
+            model.to(device),
+            name=f"hf:{path}",
+            size=size,
+            mean=mean,
+            std=std,
+            features=features,
+            feature_layer=layer,
+            select=select,
+        )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         param = next(self.model.parameters())
         pixels = self.preprocess(x, param.device, param.dtype)  # (B, 3, h, w)
+        patches = self.features == "patches"
         with torch.inference_mode():
-            out = self.model(pixel_values=pixels)
+            out = self.model(pixel_values=pixels, output_hidden_states=patches)
+        if patches:
+            tokens = torch.cat([out.hidden_states[i] for i in self.feature_layers], -1)
+            if self.select == "default":
+                tokens = tokens[:, 1:]  # (B, patches, D · layers): the CLS dropped
+            return F.normalize(tokens.flatten(1).float(), dim=-1).to(x.device)  # (B, N·D)
         e = (
             out.image_embeds
             if getattr(out, "image_embeds", None) is not None
@@ -214,12 +278,16 @@ def load_encoder(
     model: str,
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
+    features: Features = "pooled",
 ) -> Encoder:
-    """``open_clip``: see ``OpenClipEncoder.load``; ``hf``: a CLIP/LLaVA checkpoint (no tag)."""
+    """``open_clip``: see ``OpenClipEncoder.load``; ``hf``: a CLIP/LLaVA checkpoint (no tag),
+    embedding ``features`` (see ``HFVisionEncoder``)."""
     if kind == "open_clip":
+        if features != "pooled":
+            raise ValueError("open_clip encoders embed pooled features only (patches: use hf)")
         return OpenClipEncoder.load(model, pretrained, device)
     if kind == "hf":
         if pretrained is not None:
             raise ValueError("the hf encoder takes no pretrained tag: name the checkpoint")
-        return HFVisionEncoder.load(model, device)
+        return HFVisionEncoder.load(model, device, features)
     raise ValueError(f"unknown encoder kind {kind!r}: use 'open_clip' or 'hf'")

@@ -125,6 +125,7 @@ def test_calibrate_the_drift_rule_and_run_with_it(tmp_path: Path, model_flags: l
     [
         (["calibrate", "--data", "/nonexistent", "--out", "/tmp/p.json"], "neither a directory"),
         (["run", "/nonexistent.png", "--out", "/tmp/o"], "cannot read /nonexistent.png"),
+        (["run", "--encoder-features", "patches", "x.png", "--out", "/tmp/o"], "needs encoder: hf"),
     ],
 )
 def test_bad_input_is_one_line(args: list[str], needle: str, model_flags: list[str]) -> None:

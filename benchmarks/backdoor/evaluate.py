@@ -148,6 +148,9 @@ def evaluate(
             **timing,
             "monitor_ratio": timing["monitor_s"] / timing["full_prefill_s"],
             "crossview_ratio": timing.get("crossview_s", 0.0) / timing["full_prefill_s"],
+            "monitor_ratio_by_deepest_layer": [
+                s / timing["full_prefill_s"] for s in timing["monitor_s_by_deepest_layer"]
+            ],
         },
         "behind_purification": behind,
         "scores": {

@@ -94,10 +94,11 @@ def cost(
     layers: list[int],
     heads: int,
     repeats: int,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Median seconds per batch of the full prefill (last-position logits, as a server
-    computes them), of the monitor's early-stopped probe and of the cross-view check; and the
-    bytes each keeps of attention (the probe: 1 + heads numbers per watched layer and row)."""
+    computes them), of the monitor's early-stopped probe (also as if each layer were the
+    deepest watched) and of the cross-view check; and the bytes each keeps of attention (the
+    probe: 1 + heads numbers per watched layer and row)."""
     prompts = [prompt] * len(images)
     batch = probe.prepare(images, prompts)
 
@@ -112,7 +113,12 @@ def cost(
 
     full = timed(lambda: probe.model(**batch.inputs, use_cache=False, logits_to_keep=1))
     monitor = timed(lambda: probe.signals(batch, layers))
-    out: dict[str, float] = {"full_prefill_s": full, "monitor_s": monitor}
+    out: dict[str, Any] = {"full_prefill_s": full, "monitor_s": monitor}
+    # The early stop's saving depends on where the profile's deepest channel sits: the cost
+    # for each possible deepest layer shows how much of the ratio is the model, not the probe.
+    out["monitor_s_by_deepest_layer"] = [
+        timed(lambda i=layer: probe.signals(batch, [i])) for layer in range(probe.num_layers)
+    ]
     if views is not None:
         out["crossview_s"] = timed(lambda: views.divergences(images, prompts))
     maps = probe.model(**batch.inputs, use_cache=False, output_attentions=True).attentions

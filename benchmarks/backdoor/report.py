@@ -74,6 +74,10 @@ def table(console: Console, rows: dict[str, dict[str, Any]], args: argparse.Name
                 f"through the whole guard (screen: both) {100 * behind['asr_through_guard']:.1f}%"
             )
         c = row["cost"]
+        by_layer = ", ".join(
+            f"layer {i} {r:.2f}×" for i, r in enumerate(c["monitor_ratio_by_deepest_layer"])
+        )
+        console.print(f"monitor cost ({kind}) if the deepest watched layer were: {by_layer}")
         console.print(
             f"attention kept: {c['monitor_kept_bytes']:.0f} B by the probe vs "
             f"{c['attention_maps_bytes'] / 1e6:.1f} MB of full maps (output_attentions), per batch"

@@ -206,6 +206,12 @@ def test_hf_clip_encoders_load_and_embed(tmp_path: Path, kind: str, module: Any,
     torch.testing.assert_close(e, F.normalize(expected, dim=-1))
     e_small = encoder.embed(F.interpolate(x, size=(20, 28), mode="bilinear"))
     assert e_small.shape == (2, dim) and (e_small * e).sum(-1).min() > 0.95
+    # Patch tokens of a plain CLIP tower: LLaVA's defaults (penultimate layer, CLS dropped).
+    patches = load_encoder("hf", str(tmp_path), features="patches").embed(x)
+    tower = model.vision_model if kind == "clip" else model
+    with torch.inference_mode():
+        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(patches, F.normalize(hidden.flatten(1), dim=-1))
 
 
 def test_hf_encoder_keeps_only_the_llava_vision_tower(tmp_path: Path) -> None:

@@ -278,6 +278,12 @@ def test_hf_patch_features_are_what_the_llava_projector_reads(
     torch.testing.assert_close(e, F.normalize(tokens.flatten(1), dim=-1))
     pooled = load_encoder("hf", str(tmp_path))  # the default is unchanged: the pooled CLS
     assert pooled.embed(x).shape == (2, 32)
+    # forward: the same embedding with autograd, for attacks through φ (the benchmark's).
+    pixels = x.clone().requires_grad_(True)
+    out = encoder.forward(pixels)
+    (grad,) = torch.autograd.grad(out[:, 0].sum(), pixels)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach(), e)
 
 
 def test_patch_features_need_the_hf_backend(open_clip_dir: tuple[Path, Any]) -> None:

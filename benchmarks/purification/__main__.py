@@ -116,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eot-draws", type=int, default=4)
     parser.add_argument("--adaptive-ddim-steps", type=int, default=5)
     parser.add_argument(
+        "--evasion-steps",
+        type=int,
+        default=50,
+        help="PGD steps of the attack on the drift rule (with --signal denoised, --adaptive)",
+    )
+    parser.add_argument(
         "--adaptive",
         action=argparse.BooleanOptionalAction,
         help="run the adaptive attack (default: yes, no with --quick)",

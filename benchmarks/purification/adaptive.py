@@ -14,6 +14,7 @@ from rich.progress import Progress
 
 from benchmarks.purification.common import Condition, Defense, Outcome, stats
 from benchmarks.purification.defenses import evaluate
+from benchmarks.purification.evasion import drift_evading_attack
 from guard.defenses.diffcap import NoiseSchedule, reverse_timesteps
 from guard.defenses.diffcap.diffusion import ddim_step, predict_x0
 from guard.toy.attacks import PGDSettings, answer_loss, pgd
@@ -120,17 +121,59 @@ def run_adaptive(
         "defenses": {},
     }
     evaluated = [d for d in defenses if d.family in ("none", "diffcap")]
-    task = progress.add_task("adaptive: evaluating", total=len(evaluated) * m)
+    adaptive["defenses"] = _judge(
+        evaluated, cond, truth[:m], results, model, processor, args, progress
+    )
+    # With the drift rule, also the attack on the rule itself (benchmarks/purification/evasion.py).
+    ruled = [d for d in evaluated if d.purifier is not None and d.purifier.settings.drift_tau]
+    if ruled:
+        target = ruled[0]
+        assert target.purifier is not None
+        start = time.perf_counter()
+        evading = drift_evading_attack(
+            model, processor, target.purifier, schedule, images[:m], labels[:m], args, progress
+        )
+        seconds = round(time.perf_counter() - start, 1)
+        cond = Condition("evading_8", "evading", evading)
+        judged = _judge(evaluated, cond, truth[:m], results, model, processor, args, progress)
+        adaptive["drift_evasion"] = {
+            "against": target.label,
+            "steps": args.evasion_steps,
+            "seconds": seconds,
+            "defenses": judged,
+        }
+    return adaptive
+
+
+def _judge(
+    evaluated: list[Defense],
+    cond: Condition,
+    truth: list[str],
+    results: dict[str, dict[str, Outcome]],
+    model: Any,
+    processor: Any,
+    args: argparse.Namespace,
+    progress: Progress,
+) -> dict[str, dict[str, Any]]:
+    """Each defense's accuracy on ``cond``, next to plain PGD's on the same images."""
+    m = len(truth)
+    task = progress.add_task(f"{cond.key}: evaluating", total=len(evaluated) * m)
+    out = {}
     for d in evaluated:
         o = evaluate(
-            d, cond, truth[:m], model, processor, args.batch, lambda k: progress.advance(task, k)
+            d, cond, truth, model, processor, args.batch, lambda k: progress.advance(task, k)
         )
         pgd8 = results[d.key]["untargeted_8"]
-        adaptive["defenses"][d.key] = {
+        escalated = None  # the share noised on to t_escalate, where the rule has one
+        p = d.purifier
+        if o.t_star is not None and p is not None and p.k_escalate > p.k_max:
+            escalated = float((o.t_star >= p.k_escalate).mean())
+        out[d.key] = {
             "label": d.label,
             "accuracy_adaptive": float(o.correct.mean()),
             "accuracy_pgd_same_images": float(pgd8.correct[:m].mean()),
             "t_star": None if o.t_star is None else stats(o.t_star),
+            "escalated": escalated,
             "unet_evals_mean": float(o.unet_evals.mean()),
         }
-    return adaptive
+    return out

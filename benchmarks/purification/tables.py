@@ -195,3 +195,22 @@ def print_adaptive(console: Console, adaptive: dict[str, Any], args: argparse.Na
             _num(entry["t_star"]["p50"], 0) if entry["t_star"] else "—",
         )
     console.print(ad)
+    evasion = adaptive.get("drift_evasion")
+    if evasion is None:
+        return
+    ev = Table(
+        title=f"Adaptive attack on the drift rule of {evasion['against']}: PGD keeping x̂₀ at the "
+        f"first check close to the image under φ, ε=8/255, {args.evasion_steps} steps × "
+        f"{args.eot_draws} draws, {adaptive['images']} images"
+    )
+    for col in ("defense", "acc. evading %", "acc. plain PGD u8 %", "t* p50", "escalated %"):
+        ev.add_column(col, justify="left" if col == "defense" else "right")
+    for entry in evasion["defenses"].values():
+        ev.add_row(
+            entry["label"],
+            _pct(entry["accuracy_adaptive"]),
+            _pct(entry["accuracy_pgd_same_images"]),
+            _num(entry["t_star"]["p50"], 0) if entry["t_star"] else "—",
+            _pct(entry["escalated"]) if entry["escalated"] is not None else "—",
+        )
+    console.print(ev)

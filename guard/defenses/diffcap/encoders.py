@@ -81,6 +81,14 @@ class _PreprocessingEncoder:
         self.name = name
         self.preprocess = _TensorPreprocess(size, mean, std)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``embed`` with autograd: for attacks that must differentiate through φ."""
+        raise NotImplementedError
+
 
 class OpenClipEncoder(_PreprocessingEncoder):
     """φ = open_clip's ``encode_image``."""
@@ -115,11 +123,10 @@ class OpenClipEncoder(_PreprocessingEncoder):
             std=cfg.get("std", CLIP_STD),
         )
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         param = next(self.model.parameters())
         pixels = self.preprocess(x, param.device, param.dtype)  # (B, 3, h, w)
-        with torch.inference_mode():
-            e = self.model.encode_image(pixels)  # (B, D)
+        e = self.model.encode_image(pixels)  # (B, D)
         return F.normalize(e.float(), dim=-1).to(x.device)
 
 
@@ -223,12 +230,11 @@ class HFVisionEncoder(_PreprocessingEncoder):
             select=select,
         )
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         param = next(self.model.parameters())
         pixels = self.preprocess(x, param.device, param.dtype)  # (B, 3, h, w)
         patches = self.features == "patches"
-        with torch.inference_mode():
-            out = self.model(pixel_values=pixels, output_hidden_states=patches)
+        out = self.model(pixel_values=pixels, output_hidden_states=patches)
         if patches:
             tokens = torch.cat([out.hidden_states[i] for i in self.feature_layers], -1)
             if self.select == "default":

@@ -388,6 +388,39 @@ def test_the_drift_rule_escalates_at_the_first_check_below_drift_tau(diffusion: 
     assert torch.equal(sent.image, fixed.image)
 
 
+def test_every_checks_drift_is_measured_against_the_input(diffusion: Diffusion) -> None:
+    unet, scheduler = diffusion
+    image = _image(16, 16, 9)
+    # τ = 1 never stops and drift_tau = -1 never escalates: four checks, k = 5 … 20.
+    settings = PurifySettings(tau=1.0, t_max=0.02, signal="denoised", drift_tau=-1.0)
+    purifier = Purifier(unet, scheduler, PixelEncoder(), settings)
+    (result,) = purifier.purify_batch([image])
+    (trace,) = purifier.traces([image])  # what calibration sees: the same numbers
+    assert len(result.drifts) == 4 and trace.drifts == result.drifts
+    previous = None
+    for j, k in enumerate((5, 10, 15, 20)):
+        x0, _, x0_hat = _x0_estimate(purifier, image, k)
+        expected = F.cosine_similarity(x0_hat.flatten(1), x0.flatten(1)).item()
+        assert result.drifts[j] == pytest.approx(expected, abs=1e-5)
+        if previous is not None:  # not the consecutive similarity (an alias once made it so)
+            consecutive = F.cosine_similarity(x0_hat.flatten(1), previous.flatten(1)).item()
+            assert result.similarities[j] == pytest.approx(consecutive, abs=1e-5)
+            assert abs(consecutive - expected) > 1e-5
+        previous = x0_hat
+
+
+def test_calibration_traces_match_the_stop_path_under_a_floor(diffusion: Diffusion) -> None:
+    unet, scheduler = diffusion
+    image = _image(16, 16, 10)
+    kw: dict[str, Any] = {"t_min": 0.01, "t_max": 0.02, "signal": "denoised"}
+    stopping = Purifier(
+        unet, scheduler, PixelEncoder(), PurifySettings(tau=1.0, drift_tau=-1.0, **kw)
+    )
+    (result,) = stopping.purify_batch([image])
+    (trace,) = stopping.traces([image])  # from the first check on; the floor's are k = 10 …
+    assert result.drifts == trace.drifts[1:] and len(result.drifts) == 3
+
+
 def test_the_drift_reference_under_a_floor_is_the_input_itself(diffusion: Diffusion) -> None:
     unet, scheduler = diffusion
     image = _image(16, 16, 8)

@@ -183,10 +183,12 @@ class Purifier:
             k = min(first - s.check_every, self.k_max)
             out.x = noise_steps(out.x, self.schedule, 0, k, generators)
         e_prev = self._embed(out.x, k, out, list(range(n)))  # (B, D)
-        # The drift reference φ(x): e_prev already, unless the floor pre-noised the batch.
+        # The drift reference φ(x): e_prev already, unless the floor pre-noised the batch. A
+        # copy, since e_prev is updated in place at every check (an alias made the "drift"
+        # the consecutive similarity from the second check on).
         e_input: torch.Tensor | None = None
         if s.signal == "denoised" and (s.drift_tau is not None or not stop):
-            e_input = e_prev if k == 0 else self._embed(x0, 0, out, list(range(n)))  # (B, D)
+            e_input = e_prev.clone() if k == 0 else self._embed(x0, 0, out, list(range(n)))
         escalate: dict[int, list[int]] = {}  # noising step → images sent on from there
         active = list(range(n))
         while active and k < self.k_max:

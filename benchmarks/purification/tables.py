@@ -180,37 +180,32 @@ def print_batching(console: Console, batching: dict[str, Any]) -> None:
 
 
 def print_adaptive(console: Console, adaptive: dict[str, Any], args: argparse.Namespace) -> None:
-    ad = Table(
-        title=f"Adaptive attack: EOT-PGD through noise + DDIM ({args.adaptive_ddim_steps} "
-        f"steps), ε=8/255, {args.adaptive_steps} steps × {args.eot_draws} draws, "
+    title = (
+        f"Adaptive attack: EOT-PGD through noise + DDIM ({args.adaptive_ddim_steps} steps), "
+        f"ε=8/255, {args.adaptive_steps} steps × {args.eot_draws} draws, "
         f"{adaptive['images']} images"
     )
-    for col in ("defense", "acc. adaptive %", "acc. plain PGD u8 %", "t* p50"):
-        ad.add_column(col, justify="left" if col == "defense" else "right")
-    for entry in adaptive["defenses"].values():
-        ad.add_row(
-            entry["label"],
-            _pct(entry["accuracy_adaptive"]),
-            _pct(entry["accuracy_pgd_same_images"]),
-            _num(entry["t_star"]["p50"], 0) if entry["t_star"] else "—",
-        )
-    console.print(ad)
+    console.print(_attack_table(title, adaptive["defenses"]))
     evasion = adaptive.get("drift_evasion")
-    if evasion is None:
-        return
-    ev = Table(
-        title=f"Adaptive attack on the drift rule of {evasion['against']}: PGD keeping x̂₀ at the "
-        f"first check close to the image under φ, ε=8/255, {args.evasion_steps} steps × "
-        f"{args.eot_draws} draws, {adaptive['images']} images"
-    )
-    for col in ("defense", "acc. evading %", "acc. plain PGD u8 %", "t* p50", "escalated %"):
-        ev.add_column(col, justify="left" if col == "defense" else "right")
-    for entry in evasion["defenses"].values():
-        ev.add_row(
+    if evasion is not None:
+        title = (
+            f"Adaptive attack on the drift rule of {evasion['against']}: PGD keeping x̂₀ at the "
+            f"first check close to the image under φ, ε=8/255, {args.evasion_steps} steps × "
+            f"{args.eot_draws} draws, {adaptive['images']} images"
+        )
+        console.print(_attack_table(title, evasion["defenses"]))
+
+
+def _attack_table(title: str, defenses: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for col in ("defense", "acc. attacked %", "acc. plain PGD u8 %", "t* p50", "escalated %"):
+        table.add_column(col, justify="left" if col == "defense" else "right")
+    for entry in defenses.values():
+        table.add_row(
             entry["label"],
             _pct(entry["accuracy_adaptive"]),
             _pct(entry["accuracy_pgd_same_images"]),
             _num(entry["t_star"]["p50"], 0) if entry["t_star"] else "—",
-            _pct(entry["escalated"]) if entry["escalated"] is not None else "—",
+            _pct(entry["escalated"]) if entry.get("escalated") is not None else "—",
         )
-    console.print(ev)
+    return table

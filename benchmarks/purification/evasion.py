@@ -1,12 +1,13 @@
 """An adaptive attack on the drift rule itself: PGD that fools the VLM while keeping the image's
 x̂₀ at the first check close to the image under φ, so that DiffCAP neither escalates it nor
-noises it past t* = check_every, where the perturbation survives.
+noises it past that check, where the perturbation survives.
 
-At the first check the rule compares φ(x̂₀(x_k)) with φ(x) twice: as the drift (escalate below
-``drift_tau``) and as the first consecutive similarity (stop at or above ``tau``). The attack
-maximises the VLM's loss on x̂₀(x_k) (k = check_every, one UNet call, EOT over the noise) minus
-a hinge on that cosine below max(drift_tau, tau) plus a margin. White-box: it knows the UNet,
-φ and both thresholds.
+Without a floor, the first check compares φ(x̂₀(x_k)) with φ(x) twice: as the drift (escalate
+below ``drift_tau``) and as the first consecutive similarity (stop at or above ``tau``). The
+attack maximises the VLM's loss on x̂₀(x_k) (k: the first check, one UNet call, EOT over the
+noise) minus a hinge on that cosine below max(drift_tau, tau) plus a margin. White-box: it
+knows the UNet, φ and both thresholds. (Under a floor τ compares with the check before it;
+the hinge then still keeps the drift, not necessarily τ, satisfied.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""BatchWorker: batching, errors, back-pressure, cancellation and shutdown semantics."""
+"""BatchWorker: batching, stepping, errors, back-pressure, cancellation and shutdown semantics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from guard.batching import BatchWorker, QueueFull, WorkerClosed
+from guard.batching import BatchWorker, QueueFull, Stepper, WorkerClosed
 
 Result = tuple[int, int]  # (item * 2, size of the batch it ran in)
 
@@ -47,8 +47,10 @@ Make = Callable[..., BatchWorker[int, Result]]
 def make_worker() -> Iterator[Make]:
     made: list[BatchWorker[int, Result]] = []
 
-    def make(fn: Callable[[list[int]], list[Result]], **kwargs: Any) -> BatchWorker[int, Result]:
-        worker: BatchWorker[int, Result] = BatchWorker(fn, name="test", **kwargs)
+    def make(
+        work: Callable[[list[int]], list[Result]] | Stepper[int, Result], **kwargs: Any
+    ) -> BatchWorker[int, Result]:
+        worker: BatchWorker[int, Result] = BatchWorker(work, name="test", **kwargs)
         worker.start()
         made.append(worker)
         return worker
@@ -297,3 +299,95 @@ def test_thread_lifecycle() -> None:
 def test_constructor_rejects_bad_arguments(kwargs: dict[str, Any], argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         BatchWorker(Model(), name="bad", **kwargs)
+
+
+class Countdown:
+    """A stand-in stepper: item n needs n steps; records who was live at each step, and can
+    raise on a given step or refuse items below zero at admission."""
+
+    def __init__(self, *, fail_at: int | None = None) -> None:
+        self.left: dict[object, int] = {}
+        self.items: dict[object, int] = {}
+        self.steps: list[list[int]] = []
+        self.fail_at = fail_at
+        self.step_started = threading.Event()
+
+    @property
+    def live(self) -> int:
+        return len(self.left)
+
+    def admit(self, keys: list[object], items: list[int]) -> None:
+        if any(n < 0 for n in items):
+            raise ValueError("negative steps")
+        for key, n in zip(keys, items, strict=True):
+            self.left[key], self.items[key] = n, n
+
+    def step(self) -> list[tuple[object, Result]]:
+        self.steps.append(sorted(self.items[key] for key in self.left))
+        self.step_started.set()
+        if len(self.steps) == self.fail_at:
+            raise RuntimeError("step failed")
+        time.sleep(0.01)  # long enough for a late arrival to queue meanwhile
+        done = []
+        for key in list(self.left):
+            self.left[key] -= 1
+            if self.left[key] <= 0:
+                del self.left[key]
+                done.append((key, (self.items[key], len(self.steps))))
+        return done
+
+    def abandon(self) -> None:
+        self.left.clear()
+
+
+async def test_a_stepper_lets_items_join_and_leave_between_steps(make_worker: Make) -> None:
+    stepper = Countdown()
+    worker = make_worker(stepper, max_batch=8, max_wait_s=0.1)
+    long, short = worker.submit(30), worker.submit(2)
+    long_task, short_task = asyncio.ensure_future(long), asyncio.ensure_future(short)
+    # The short item comes back after its own two steps, not the long one's thirty.
+    assert await asyncio.wait_for(short_task, 5) == (2, 2)
+    assert not long_task.done()
+    # A late arrival joins the running long item at the next step instead of waiting for it.
+    late = await asyncio.wait_for(worker.submit(3), 5)
+    assert await asyncio.wait_for(long_task, 5) == (30, 30)
+    joined = late[1] - 2  # the step the late item first ran in
+    assert stepper.steps[joined - 1] == [3, 30] and late[1] < 30
+    assert worker.stats.items == 3 and worker.stats.batches == 30
+    assert worker.stats.rows == sum(len(live) for live in stepper.steps)
+
+
+async def test_max_batch_caps_the_items_live_in_a_stepper(make_worker: Make) -> None:
+    stepper = Countdown()
+    worker = make_worker(stepper, max_batch=2, max_wait_s=0.1)
+    results = await asyncio.gather(*(worker.submit(n) for n in (3, 3, 1)))
+    assert max(len(live) for live in stepper.steps) == 2
+    assert [r[0] for r in results] == [3, 3, 1] and results[2][1] == 4  # it waited for room
+
+
+async def test_a_failed_step_fails_every_live_item_and_the_worker_goes_on(
+    make_worker: Make,
+) -> None:
+    stepper = Countdown(fail_at=2)
+    worker = make_worker(stepper, max_batch=4, max_wait_s=0.1)
+    outcomes = await asyncio.gather(
+        worker.submit(5), worker.submit(1), worker.submit(4), return_exceptions=True
+    )
+    # The one-step item left at step 1; the others were live when step 2 raised.
+    assert outcomes[1] == (1, 1)
+    for outcome in (outcomes[0], outcomes[2]):
+        assert isinstance(outcome, RuntimeError) and str(outcome) == "step failed"
+    assert stepper.live == 0  # abandoned
+    assert await worker.submit(2) == (2, 4)
+    assert worker.alive
+
+
+async def test_a_failed_admission_fails_only_the_items_it_brought(make_worker: Make) -> None:
+    stepper = Countdown()
+    worker = make_worker(stepper, max_batch=4, max_wait_s=0.1)
+    running = asyncio.ensure_future(worker.submit(20))
+    await asyncio.to_thread(stepper.step_started.wait, 5)
+    with pytest.raises(ValueError, match="negative steps"):
+        await asyncio.wait_for(worker.submit(-1), 5)
+    assert (await asyncio.wait_for(running, 5))[0] == 20
+    assert all(-1 not in live for live in stepper.steps)

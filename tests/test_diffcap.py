@@ -34,7 +34,8 @@ from guard.defenses.diffcap import (
     load_encoder,
     noise_steps,
 )
-from guard.defenses.diffcap.diffusion import predict_x0
+from guard.defenses.diffcap.diffusion import predict_x0, reverse_timesteps
+from guard.defenses.diffcap.purifier import chain_result
 from guard.toy.vlm_parts import build_processor, corpus, llava_config, train_tokenizer
 from guard.toy.vlm_parts import vision_config as tiny_vision_config
 from tests.tiny_models import (
@@ -100,7 +101,7 @@ def _x0_estimate(
     purifier: Purifier, image: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """By hand, on the purifier's own noise path: x_0, x_k and the UNet's x̂_0(x_k)."""
-    x0, generators = purifier._prepare([image])
+    x0, generators = purifier.prepare([image])
     xk = noise_steps(x0, purifier.schedule, 0, k, generators)
     with torch.inference_mode():
         a = purifier.schedule.alphas_cumprod[k - 1].float()  # step k is timestep k - 1
@@ -483,14 +484,46 @@ def test_mixed_t_star_batch_equals_each_image_alone(diffusion: Diffusion, sample
         assert got.similarities == pytest.approx(alone.similarities, abs=1e-6)
         assert (got.unet_evals, got.encoder_evals) == (alone.unet_evals, alone.encoder_evals)
     assert both[0].image.shape == (3, 20, 28) and both[1].image.shape == (3, 16, 16)
-    # Shared calls: as many as the longest chain, fewer than the two alone together.
-    assert len(both_calls) == max(r.unet_evals for r in both)
-    assert len(both_calls) < len(strong_calls) + len(faint_calls)
-    assert both_calls[0].tolist() == [both[0].t_star - 1, both[1].t_star - 1]
-    assert both_calls[-1].numel() == 1  # the short chain dropped out
+    # The strong image does not wait for the faint one: its reverse chain starts at once, while
+    # the faint image still noises (its "noisy" checks need no UNet call to share), and ends
+    # before the faint one's begins.
+    assert [c.tolist() for c in both_calls[: both[0].unet_evals]] == [
+        [t] for t in reverse_timesteps(both[0].t_star - 1, sampler, 10)
+    ]
+    assert len(both_calls) == len(strong_calls) + len(faint_calls)
     # One encoder call per check, over the samples still noising only.
     assert encoder.batches[:2] == [2, 2] and set(encoder.batches[2:]) == {1}
     assert len(encoder.batches) == both[1].encoder_evals
+
+
+def test_a_chain_joins_and_leaves_between_steps(diffusion: Diffusion) -> None:
+    unet, scheduler = diffusion
+    # A fixed t* = 20 (no checks): 20 DDPM steps each, the first from timestep 19.
+    settings = PurifySettings(tau=None, t_max=0.02, sampler="ddpm")
+    purifier = Purifier(unet, scheduler, PixelEncoder(), settings)
+    first, second = _image(16, 16, 21), _image(20, 28, 22)
+    (alone_first,), (alone_second,) = (
+        purifier.purify_batch([first]),
+        purifier.purify_batch([second]),
+    )
+    stepper = purifier.stepper()
+    stepper.admit(["first"], [first])
+    ends: dict[object, int] = {}
+    with unet_calls(unet) as calls:
+        for step in range(1, 26):
+            if step == 6:
+                stepper.admit(["second"], [second])  # joins a chain five steps in
+            ends.update((c.key, step) for c in stepper.advance())
+    assert stepper.live == 0 and ends == {"first": 20, "second": 25}
+    # Shared calls with each chain at its own timestep; each leaves when its chain ends.
+    assert [c.tolist() for c in calls[4:7]] == [[15], [14, 19], [13, 18]]
+    assert calls[19].tolist() == [0, 5] and calls[20].tolist() == [4]
+    # The company changes nothing: the pixels of each image purified alone.
+    stepper = purifier.stepper()
+    stepper.admit(["first", "second"], [first, second])
+    chains = {c.key: c for _ in range(20) for c in stepper.advance()}
+    for key, alone in (("first", alone_first), ("second", alone_second)):
+        torch.testing.assert_close(chain_result(chains[key]).image, alone.image, atol=1e-5, rtol=0)
 
 
 def test_sampler_choice_sets_the_unet_evaluations(diffusion: Diffusion) -> None:

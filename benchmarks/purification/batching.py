@@ -30,7 +30,7 @@ async def _drive(
     mean number of images per model call (from the worker's own counters)."""
     await stage.check(groups[0][0])  # warm-up: thread start, first-call allocations
     stats = stage.batch_stats
-    batches, items = stats.batches, stats.items
+    batches, rows = stats.batches, stats.rows
     start = time.perf_counter()
     for _ in range(rounds):
         for group in groups:
@@ -41,7 +41,7 @@ async def _drive(
                     await stage.check(request)
             advance(len(group))
     seconds = time.perf_counter() - start
-    return seconds, (stats.items - items) / max(1, stats.batches - batches)
+    return seconds, (stats.rows - rows) / max(1, stats.batches - batches)
 
 
 def measure_batching(

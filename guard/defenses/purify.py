@@ -2,8 +2,9 @@
 
 Each image is looked up in a byte-bounded cache (key: the image digest, which covers mode, size
 and pixels, plus the purifier's settings); misses go to one :class:`BatchWorker`, whose model
-thread purifies images of concurrent requests together (they share encoder and UNet calls even
-when they stop at different t*). The stage always rewrites: the model must see exactly the
+thread steps the images of concurrent requests together: they share encoder and UNet calls even
+when they stop at different t*, new images join between two steps, and each image's result goes
+back as soon as its own chain ends. The stage always rewrites: the model must see exactly the
 pixels the guard checked, and those are the purified ones. With a calibration profile it also
 scores how unusual t* is against clean images, and may block above ``block_score``.
 """
@@ -33,6 +34,8 @@ from guard.defenses.diffcap import (
     tensor_to_pil,
 )
 from guard.defenses.diffcap.profile import PurifyProfile
+from guard.defenses.diffcap.purifier import chain_result
+from guard.defenses.diffcap.stepper import PurifyStepper
 from guard.intake.decode import image_digest
 from guard.metrics import Metrics
 from guard.types import Decision, GuardRequest, ImageInput
@@ -92,7 +95,7 @@ class PurifyStage:
             json.dumps(key, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
         self._worker: BatchWorker[Image.Image, Purified] = BatchWorker(
-            self._purify_batch,
+            _Chains(purifier.stepper()),
             name=NAME,
             max_batch=max_batch,
             max_wait_s=max_wait_s,
@@ -196,26 +199,40 @@ class PurifyStage:
         if cached:
             self._metrics.cache_hits.labels(NAME).inc(cached)
 
-    def _purify_batch(self, images: list[Image.Image]) -> list[Purified]:
-        """Runs on the model thread: PIL in, purified PIL + trace out, in order."""
-        tensors = [pil_to_tensor(im) for im in images]
-        results: list[PurifyResult] = self.purifier.purify_batch(tensors)
-        out = []
-        for r in results:
-            image = tensor_to_pil(r.image)
-            out.append(
-                Purified(
-                    image=image,
-                    digest=image_digest(image),
-                    steps=r.t_star,
-                    similarity=tuple(r.similarities),
-                    drift=tuple(r.drifts),
-                    stopped=r.stopped,
-                    unet_evals=r.unet_evals,
-                    encoder_evals=r.encoder_evals,
-                )
-            )
-        return out
+
+class _Chains:
+    """The purifier's stepper as the worker's :class:`~guard.batching.Stepper`: PIL images
+    in, :class:`Purified` out, on the model thread."""
+
+    def __init__(self, stepper: PurifyStepper) -> None:
+        self._stepper = stepper
+
+    @property
+    def live(self) -> int:
+        return self._stepper.live
+
+    def admit(self, keys: list[object], items: list[Image.Image]) -> None:
+        self._stepper.admit(keys, [pil_to_tensor(im) for im in items])
+
+    def step(self) -> list[tuple[object, Purified]]:
+        return [(chain.key, _purified(chain_result(chain))) for chain in self._stepper.advance()]
+
+    def abandon(self) -> None:
+        self._stepper.abandon()
+
+
+def _purified(r: PurifyResult) -> Purified:
+    image = tensor_to_pil(r.image)
+    return Purified(
+        image=image,
+        digest=image_digest(image),
+        steps=r.t_star,
+        similarity=tuple(r.similarities),
+        drift=tuple(r.drifts),
+        stopped=r.stopped,
+        unet_evals=r.unet_evals,
+        encoder_evals=r.encoder_evals,
+    )
 
 
 def load_purifier(

@@ -173,19 +173,17 @@ def reverse(
         _check_timestep(t, schedule)
     chains = [reverse_timesteps(t, sampler, ddim_steps) for t in timesteps]
     device, dtype = unet.device, unet.dtype
-    # ᾱ with a trailing 1 at index -1 (= T): the step past timestep 0 lands on x_0.
-    alphas = torch.cat([schedule.alphas_cumprod, torch.ones(1, dtype=torch.float64)])
-    alphas = alphas.to(device=device, dtype=torch.float32)  # (T+1,)
+    alphas = padded_alphas(schedule, device)  # (T+1,)
     x = x_t.to(device=device, dtype=dtype).clone()  # (B, 3, H, W)
     for i in range(max(len(c) for c in chains)):
         active = [b for b, c in enumerate(chains) if i < len(c)]
         t_now = torch.tensor([chains[b][i] for b in active], device=device)  # (A,)
-        t_next = torch.tensor([_next(chains[b], i, sampler) for b in active], device=device)
+        t_next = torch.tensor([next_timestep(chains[b], i, sampler) for b in active], device=device)
         idx = torch.tensor(active, device=device)
         xa = x[idx]  # (A, 3, H, W)
         out = unet(xa, t_now).sample  # (A, 3, H, W)
         gens = _pick(generators, active)
-        x[idx] = _step(schedule, alphas, out, xa, t_now, t_next, sampler, gens).to(dtype)
+        x[idx] = reverse_step(schedule, alphas, out, xa, t_now, t_next, sampler, gens).to(dtype)
     return x.clamp(-1, 1), [len(c) for c in chains]
 
 
@@ -212,11 +210,18 @@ def _pick(generators: Generators, active: list[int]) -> Generators:
     return [generators[b] for b in active]
 
 
-def _next(chain: list[int], i: int, sampler: Sampler) -> int:
+def next_timestep(chain: list[int], i: int, sampler: Sampler) -> int:
     """The timestep the step from chain[i] lands on; -1 stands for x_0 (ᾱ = 1)."""
     if sampler == "ddpm":
         return chain[i] - 1
     return chain[i + 1] if i + 1 < len(chain) else -1
+
+
+def padded_alphas(schedule: NoiseSchedule, device: torch.device) -> torch.Tensor:
+    """ᾱ (T+1,) float32 with a trailing 1 at index -1 (= T): the step past timestep 0 lands
+    on x_0."""
+    alphas = torch.cat([schedule.alphas_cumprod, torch.ones(1, dtype=torch.float64)])
+    return alphas.to(device=device, dtype=torch.float32)
 
 
 def _check_timestep(t: int, schedule: NoiseSchedule) -> None:
@@ -247,7 +252,7 @@ def ddim_step(
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
-def _step(
+def reverse_step(
     schedule: NoiseSchedule,
     alphas: torch.Tensor,  # (T+1,) ᾱ, index -1 → 1
     out: torch.Tensor,  # (A, 3, H, W) UNet output

@@ -1,19 +1,4 @@
-"""Micro-batching of model calls from many requests onto one model thread.
-
-Model-backed defenses (the DiffCAP purifier, the backdoor monitor) keep their torch code plain
-and synchronous: ``fn(items) -> results``. A :class:`BatchWorker` owns the single thread that
-calls it, so the model is used from one thread only, and concurrent requests share a forward
-pass instead of queueing for one each::
-
-    worker = BatchWorker(purifier.purify_batch, name="purify", max_batch=16)
-    worker.start()                         # at start-up, after the model has loaded
-    purified = await worker.submit(image)  # from request handlers, on any event loop
-    worker.close()                         # at shutdown
-
-Batching rule: the thread takes the oldest queued item, then keeps gathering until it holds
-``max_batch`` items or ``max_wait_s`` has passed since that first item was queued, and calls
-``fn`` once. ``max_wait_s`` therefore bounds the extra latency batching adds to any item.
-"""
+"""BatchWorker: one model thread, a bounded queue, and the batching rule (see the package)."""
 
 from __future__ import annotations
 
@@ -28,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from guard.batching.jobs import AsyncJob, Job, SyncJob
+from guard.batching.stepper import Stepper, WholeBatches
 from guard.errors import GuardUnavailable, Overloaded
 
 logger = logging.getLogger(__name__)
@@ -48,92 +35,29 @@ class WorkerClosed(Exception):
 class BatchStats:
     """Counters written by the model thread only; read them for tests and metrics."""
 
-    batches: int = 0
-    items: int = 0
+    batches: int = 0  # model calls: calls of ``fn``, or steps of a stepper
+    items: int = 0  # items taken in
+    rows: int = 0  # items live at each call, summed (with ``fn``: the items again)
 
     @property
     def mean_batch_size(self) -> float:
-        return self.items / self.batches if self.batches else 0.0
-
-
-class _Job(Generic[T, R]):
-    """One queued item and the way back to whoever waits for it.
-
-    Identity equality (no dataclass ``__eq__``) so a cancelled job can be removed from the
-    queue even when two callers submitted equal items.
-    """
-
-    __slots__ = ("enqueued_at", "item")
-
-    def __init__(self, item: T) -> None:
-        self.item = item
-        self.enqueued_at = time.monotonic()
-
-    def resolve(self, result: R) -> None:
-        raise NotImplementedError
-
-    def fail(self, exc: BaseException) -> None:
-        raise NotImplementedError
-
-
-class _AsyncJob(_Job[T, R]):
-    __slots__ = ("_future", "_loop")
-
-    def __init__(self, item: T, loop: asyncio.AbstractEventLoop, future: asyncio.Future[R]) -> None:
-        super().__init__(item)
-        self._loop = loop
-        self._future = future
-
-    def resolve(self, result: R) -> None:
-        self._post(lambda: self._future.set_result(result))
-
-    def fail(self, exc: BaseException) -> None:
-        self._post(lambda: self._future.set_exception(exc))
-
-    def _post(self, settle: Callable[[], None]) -> None:
-        future = self._future
-
-        def deliver() -> None:
-            # Runs on the future's own loop, so done() cannot change under us. A done future
-            # here was cancelled by its awaiter: nobody wants the result, so drop it silently.
-            if not future.done():
-                settle()
-
-        try:
-            self._loop.call_soon_threadsafe(deliver)
-        except RuntimeError:
-            # The loop is closed: nobody can be waiting any more.
-            logger.debug("dropping a batch result for a closed event loop")
-
-
-class _SyncJob(_Job[T, R]):
-    __slots__ = ("_future",)
-
-    def __init__(self, item: T, future: concurrent.futures.Future[R]) -> None:
-        super().__init__(item)
-        self._future = future
-
-    def resolve(self, result: R) -> None:
-        # InvalidStateError: the caller timed out and cancelled the future meanwhile.
-        with contextlib.suppress(concurrent.futures.InvalidStateError):
-            self._future.set_result(result)
-
-    def fail(self, exc: BaseException) -> None:
-        with contextlib.suppress(concurrent.futures.InvalidStateError):
-            self._future.set_exception(exc)
+        """Items per model call."""
+        return self.rows / self.batches if self.batches else 0.0
 
 
 class BatchWorker(Generic[T, R]):
-    """Run ``fn`` on micro-batches of submitted items, on one daemon thread.
+    """Run ``fn`` on micro-batches of submitted items, or a :class:`Stepper` on the items live
+    in it, on one daemon thread.
 
     ``fn`` must return one result per item, in order; a result of the wrong length, or an
     exception from ``fn``, is raised to every caller in that batch, and the worker goes on
-    serving later batches.
+    serving later batches. A stepper's failed step fails every item live in it; a failed
+    ``admit`` only the items being admitted. ``max_batch`` caps the items live at once.
     """
 
     def __init__(
         self,
-        fn: Callable[[list[T]], list[R]],
+        work: Callable[[list[T]], list[R]] | Stepper[T, R],
         *,
         name: str,
         max_batch: int = 16,
@@ -148,14 +72,14 @@ class BatchWorker(Generic[T, R]):
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.name = name
         self.stats = BatchStats()
-        self._fn = fn
+        self._work: Stepper[T, R] = work if isinstance(work, Stepper) else WholeBatches(work, name)
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._max_queue = max_queue
         # One condition guards the queue, the closed flag and the thread handle; submitters
         # hold it only for an append, so the event loop never waits on model work.
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Job[T, R]] = collections.deque()
+        self._queue: collections.deque[Job[T, R]] = collections.deque()
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -184,7 +108,7 @@ class BatchWorker(Generic[T, R]):
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        job: _AsyncJob[T, R] = _AsyncJob(item, loop, future)
+        job: AsyncJob[T, R] = AsyncJob(item, loop, future)
         self._enqueue(job)
         try:
             return await future
@@ -201,7 +125,7 @@ class BatchWorker(Generic[T, R]):
         if threading.current_thread() is self._thread:
             raise RuntimeError("submit_sync from the model thread would wait on itself")
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
-        job: _SyncJob[T, R] = _SyncJob(item, future)
+        job: SyncJob[T, R] = SyncJob(item, future)
         self._enqueue(job)
         try:
             return future.result(timeout)
@@ -214,8 +138,9 @@ class BatchWorker(Generic[T, R]):
         """Stop accepting items, let the thread finish queued work, and join it.
 
         Items the thread has not taken into a batch within ``timeout`` seconds get
-        :class:`WorkerClosed`; a batch already inside ``fn`` still completes (a running
-        model call cannot be interrupted), after which the thread exits. Idempotent.
+        :class:`WorkerClosed`; work already taken (a batch inside ``fn``, a stepper's live
+        items) still completes, since a running model call cannot be interrupted, after which
+        the thread exits. Idempotent.
         """
         with self._cond:
             self._closed = True
@@ -230,7 +155,7 @@ class BatchWorker(Generic[T, R]):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _enqueue(self, job: _Job[T, R]) -> None:
+    def _enqueue(self, job: Job[T, R]) -> None:
         with self._cond:
             if self._closed:
                 raise WorkerClosed(f"batch worker {self.name!r} is closed")
@@ -241,25 +166,29 @@ class BatchWorker(Generic[T, R]):
             self._queue.append(job)
             self._cond.notify()
 
-    def _withdraw(self, job: _Job[T, R]) -> None:
+    def _withdraw(self, job: Job[T, R]) -> None:
         # ValueError: already taken into a batch; its result will be dropped on delivery.
         with self._cond, contextlib.suppress(ValueError):
             self._queue.remove(job)
 
-    def _fail_all(self, jobs: list[_Job[T, R]]) -> None:
+    def _fail_all(self, jobs: list[Job[T, R]]) -> None:
         for job in jobs:
             job.fail(WorkerClosed(f"batch worker {self.name!r} closed before running the item"))
 
-    def _take(self) -> list[_Job[T, R]] | None:
-        """Block for the next batch; None once closed and drained."""
+    def _take(self, room: int, wait: bool) -> list[Job[T, R]] | None:
+        """Up to ``room`` queued jobs. ``wait`` (nothing live): block for the first, then gather
+        company for up to ``max_wait_s``; None once closed and drained. Otherwise take only
+        what is queued now: live items must not wait for newcomers."""
         with self._cond:
+            if not wait:
+                return [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
             while not self._queue:
                 if self._closed:
                     return None
                 self._cond.wait()
             batch = [self._queue.popleft()]
             deadline = batch[0].enqueued_at + self._max_wait_s
-            while len(batch) < self._max_batch:
+            while len(batch) < room:
                 if self._queue:
                     batch.append(self._queue.popleft())
                     continue
@@ -272,10 +201,16 @@ class BatchWorker(Generic[T, R]):
             return batch
 
     def _run(self) -> None:
-        batch: list[_Job[T, R]] | None = None
+        live: dict[object, Job[T, R]] = {}  # admitted jobs by key: the jobs themselves
         try:
-            while (batch := self._take()) is not None:
-                self._process(batch)
+            while True:
+                jobs = self._take(self._max_batch - len(live), wait=not live)
+                if jobs is None:
+                    break
+                if jobs:
+                    self._admit(jobs, live)
+                if live:
+                    self._step(live)
         except BaseException:
             logger.critical("batch worker %r died", self.name, exc_info=True)
             raise
@@ -285,27 +220,34 @@ class BatchWorker(Generic[T, R]):
                 self._closed = True
                 leftover = list(self._queue)
                 self._queue.clear()
-            self._fail_all([*(batch or []), *leftover])
+            self._fail_all([*live.values(), *leftover])
 
-    def _process(self, batch: list[_Job[T, R]]) -> None:
-        items = [job.item for job in batch]
-        self.stats.batches += 1
-        self.stats.items += len(items)
+    def _admit(self, jobs: list[Job[T, R]], live: dict[object, Job[T, R]]) -> None:
         try:
-            results = list(self._fn(items))
-            if len(results) != len(items):
-                raise ValueError(
-                    f"batch worker {self.name!r}: fn returned {len(results)} results "
-                    f"for {len(items)} items"
-                )
+            self._work.admit(list(jobs), [job.item for job in jobs])
         except Exception as exc:
-            # The callers own the error (each defense applies its fail mode); debug only here.
-            logger.debug("batch of %d failed in %r", len(items), self.name, exc_info=True)
-            for job in batch:
+            logger.debug("admitting %d failed in %r", len(jobs), self.name, exc_info=True)
+            for job in jobs:
                 job.fail(exc)
             return
-        for job, result in zip(batch, results, strict=True):
-            job.resolve(result)
+        live.update((job, job) for job in jobs)
+        self.stats.items += len(jobs)
+
+    def _step(self, live: dict[object, Job[T, R]]) -> None:
+        self.stats.batches += 1
+        self.stats.rows += len(live)
+        try:
+            finished = self._work.step()
+        except Exception as exc:
+            # The callers own the error (each defense applies its fail mode); debug only here.
+            logger.debug("batch of %d failed in %r", len(live), self.name, exc_info=True)
+            self._work.abandon()
+            for job in live.values():
+                job.fail(exc)
+            live.clear()
+            return
+        for key, result in finished:
+            live.pop(key).resolve(result)
 
 
 async def submit_all(worker: BatchWorker[T, R], items: Iterable[T], what: str) -> list[R]:

@@ -336,6 +336,10 @@ class Countdown:
                 done.append((key, (self.items[key], len(self.steps))))
         return done
 
+    def drop(self, keys: list[object]) -> None:
+        for key in keys:
+            del self.left[key]
+
     def abandon(self) -> None:
         self.left.clear()
 
@@ -391,3 +395,16 @@ async def test_a_failed_admission_fails_only_the_items_it_brought(make_worker: M
         await asyncio.wait_for(worker.submit(-1), 5)
     assert (await asyncio.wait_for(running, 5))[0] == 20
     assert all(-1 not in live for live in stepper.steps)
+
+
+async def test_a_cancelled_live_item_costs_no_further_steps(make_worker: Make) -> None:
+    stepper = Countdown()
+    worker = make_worker(stepper, max_batch=4, max_wait_s=0)
+    doomed = asyncio.ensure_future(worker.submit(1000))
+    await asyncio.to_thread(stepper.step_started.wait, 5)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    # The next item runs alone: the cancelled one was dropped at the next step boundary.
+    assert await asyncio.wait_for(worker.submit(2), 5) == (2, len(stepper.steps))
+    assert stepper.steps[-1] == [2] and len(stepper.steps) < 10

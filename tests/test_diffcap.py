@@ -526,6 +526,22 @@ def test_a_chain_joins_and_leaves_between_steps(diffusion: Diffusion) -> None:
         torch.testing.assert_close(chain_result(chains[key]).image, alone.image, atol=1e-5, rtol=0)
 
 
+def test_a_dropped_chain_leaves_the_others_running(diffusion: Diffusion) -> None:
+    unet, scheduler = diffusion
+    purifier = Purifier(unet, scheduler, PixelEncoder(), PurifySettings(tau=None, t_max=0.02))
+    kept, dropped = _image(16, 16, 23), _image(16, 16, 24)
+    (alone,) = purifier.purify_batch([kept])
+    stepper = purifier.stepper()
+    stepper.admit(["kept", "dropped"], [kept, dropped])
+    finished = [c for _ in range(3) for c in stepper.advance()]
+    stepper.drop(["dropped"])
+    assert stepper.live == 1
+    while stepper.live:
+        finished += stepper.advance()
+    assert [c.key for c in finished] == ["kept"]
+    torch.testing.assert_close(chain_result(finished[0]).image, alone.image, atol=1e-5, rtol=0)
+
+
 def test_sampler_choice_sets_the_unet_evaluations(diffusion: Diffusion) -> None:
     image, counts = _image(20, 28, 13), {}
     runs: tuple[tuple[Sampler, int], ...] = (("ddpm", 10), ("ddim", 6), ("ddim", 40))

@@ -7,9 +7,10 @@ DiffCAP (τ calibrated on clean validation images, with the VLM's own vision tow
 toy CLIP as encoder), every diffusion defense with the DDPM and the DDIM (10 steps) sampler.
 Cost is counted in UNet and encoder evaluations per image (DESIGN.md §4.1), plus wall-clock
 images/s. Also: the cost on a 90% clean / 10% attacked mix against the best fixed t*, the
-throughput of 16 concurrent requests through the micro-batching PurifyStage against one at a
-time, and an adaptive attack (EOT-PGD through a differentiable DiffPure/DDIM reconstruction),
-evaluated through the real DiffCAP purifier. Prints tables, writes
+throughput and latency of 16 concurrent clients through the PurifyStage on that mix (stepping
+against whole micro-batches and against one request at a time), and an adaptive attack
+(EOT-PGD through a differentiable DiffPure/DDIM reconstruction), evaluated through the real
+DiffCAP purifier. Prints tables, writes
 benchmarks/results/purification.json and .png. From the repository root:
 
     python -m benchmarks.purification [--world DIR] [--images 200] [--quick] [--out DIR]
@@ -25,7 +26,7 @@ The steps, one module each, in the order ``__main__`` runs them:
     attacks.py      white-box PGD on the undefended VLM
     calibration.py  τ per DiffCAP encoder, from clean validation images
     defenses.py     the defense rows (none, JPEG, DiffPure, DiffCAP) applied to each condition
-    batching.py     PurifyStage throughput: 16 concurrent requests vs one at a time
+    batching.py     PurifyStage serving the 90/10 mix: stepping vs whole batches vs one at a time
     adaptive.py     EOT-PGD through a differentiable DiffPure/DDIM, judged by the real rows
     summary.py      accuracy and cost per defense, DiffCAP's t*, the 90/10 traffic mix
     tables.py       the rich tables printed at the end

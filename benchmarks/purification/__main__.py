@@ -108,9 +108,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-every", type=int, default=5)
     parser.add_argument("--t-max", type=float, default=0.3, help="DiffCAP's cap, fraction of T")
     parser.add_argument("--ddim-steps", type=int, default=10)
-    parser.add_argument(
-        "--batching-rounds", type=int, default=1, help="passes over the images per mode"
-    )
     parser.add_argument("--adaptive-images", type=int, default=20)
     parser.add_argument("--adaptive-steps", type=int, default=10)
     parser.add_argument("--eot-draws", type=int, default=4)
@@ -227,11 +224,15 @@ def main(argv: list[str] | None = None) -> int:
                 defenses, conditions, truth, model, processor, args.batch, progress
             )
 
-        # 4. Micro-batching through the stage: DiffCAP with the VLM tower, DDIM if it ran.
+        # 4. Serving through the stage on the 90/10 mix (the untargeted ε = 8 images as the
+        # attacked tenth): DiffCAP with the VLM tower, DDIM if it ran.
         with timer.phase("batching"):
             staged = next(d for d in reversed(defenses) if d.encoder == "hf")
             assert staged.purifier is not None
-            batching = measure_batching(staged.purifier, images, args.batching_rounds, progress)
+            attacked = next(c for c in conditions if c.key == "untargeted_8")
+            batching = measure_batching(
+                staged.purifier, images, attacked.images, progress, seed=args.seed
+            )
             batching["defense"] = staged.label
 
         # 5. Adaptive attack through the purifier.

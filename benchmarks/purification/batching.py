@@ -1,4 +1,11 @@
-"""Throughput of the micro-batching PurifyStage: 16 concurrent requests against one at a time."""
+"""Throughput and latency of the PurifyStage under 16 concurrent clients, on the 90/10 mix.
+
+Three ways to serve the same requests (cache off, so every request is a miss and all do the
+same model work): one request at a time; whole micro-batches of 16 (each runs to its deepest
+image before the next starts: the stage's scheduling before stepping); and iteration-level
+stepping (the stage as it serves: chains join and leave between model calls). The clients are
+closed-loop: each sends its next request as soon as its previous one is answered.
+"""
 
 from __future__ import annotations
 
@@ -12,66 +19,101 @@ import numpy as np
 from PIL import Image
 from rich.progress import Progress
 
-from benchmarks.purification.common import BATCH_CONCURRENCY, chunks
+from benchmarks.purification.common import BATCH_CONCURRENCY, MIX_ATTACKED
 from guard.defenses.diffcap import Purifier
 from guard.defenses.purify import PurifyStage
 from guard.intake.decode import image_digest
 from guard.types import GuardRequest, ImageInput
 
+# (mode, clients and max_batch, whole batches?)
+MODES = (
+    ("one_at_a_time", 1, False),
+    ("whole_batches_16", BATCH_CONCURRENCY, True),
+    ("stepping_16", BATCH_CONCURRENCY, False),
+)
 
-async def _drive(
-    stage: PurifyStage,
-    groups: list[list[GuardRequest]],
-    rounds: int,
-    concurrent: bool,
-    advance: Callable[[int], None],
-) -> tuple[float, float]:
-    """Seconds to send every group ``rounds`` times, together (gather) or one by one, and the
-    mean number of images per model call (from the worker's own counters)."""
-    await stage.check(groups[0][0])  # warm-up: thread start, first-call allocations
+
+def traffic(
+    clean: np.ndarray, attacked: np.ndarray, seed: int
+) -> tuple[list[GuardRequest], list[str]]:
+    """The 90/10 mix: every test image once, a seeded 10% of them in their attacked version,
+    in a seeded order; and each request's kind ("clean" | "attacked")."""
+    rng = np.random.default_rng(seed)
+    n = len(clean)
+    hit = set(rng.choice(n, size=round(MIX_ATTACKED * n), replace=False).tolist())
+    order = rng.permutation(n).tolist()
+    requests, kinds = [], []
+    for i in order:
+        image = Image.fromarray(attacked[i] if i in hit else clean[i], "RGB")
+        inputs = (ImageInput(0, image, image_digest(image)),)
+        requests.append(GuardRequest(f"r{i}", "What digit is in the image?", inputs))
+        kinds.append("attacked" if i in hit else "clean")
+    return requests, kinds
+
+
+async def _serve(
+    stage: PurifyStage, requests: list[GuardRequest], clients: int, advance: Callable[[int], None]
+) -> tuple[float, list[float], float]:
+    """Seconds for ``clients`` closed-loop clients to send every request, each request's
+    latency (s), and the mean images per model call (the worker's own counters)."""
+    await stage.check(requests[0])  # warm-up: thread start, first-call allocations
     stats = stage.batch_stats
     batches, rows = stats.batches, stats.rows
+    pending = iter(enumerate(requests))  # shared: each client takes the next one free
+    latency = [0.0] * len(requests)
+
+    async def client() -> None:
+        for i, request in pending:
+            sent = time.perf_counter()
+            await stage.check(request)
+            latency[i] = time.perf_counter() - sent
+            advance(1)
+
     start = time.perf_counter()
-    for _ in range(rounds):
-        for group in groups:
-            if concurrent:
-                await asyncio.gather(*(stage.check(r) for r in group))
-            else:
-                for request in group:
-                    await stage.check(request)
-            advance(len(group))
+    await asyncio.gather(*(client() for _ in range(clients)))
     seconds = time.perf_counter() - start
-    return seconds, (stats.rows - rows) / max(1, stats.batches - batches)
+    return seconds, latency, (stats.rows - rows) / max(1, stats.batches - batches)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ms = 1000 * np.asarray(values)
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
 
 
 def measure_batching(
-    purifier: Purifier, images: np.ndarray, rounds: int, progress: Progress
+    purifier: Purifier,
+    clean: np.ndarray,
+    attacked: np.ndarray,
+    progress: Progress,
+    *,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Images/s of 16 concurrent requests through PurifyStage vs one request at a time.
-
-    The cache is off (every request is a miss), so both modes do the same model work.
-    """
-    pils = [Image.fromarray(image, "RGB") for image in images]
-    requests = [
-        GuardRequest(f"r{i}", "What digit is in the image?", (ImageInput(0, im, image_digest(im)),))
-        for i, im in enumerate(pils)
-    ]
-    groups = [requests[s] for s in chunks(len(requests), BATCH_CONCURRENCY)]
-    out: dict[str, Any] = {"images": len(requests), "rounds": rounds}
-    for mode, max_batch in (("one_at_a_time", 1), ("concurrent_16", BATCH_CONCURRENCY)):
-        stage = PurifyStage(purifier, max_batch=max_batch, max_wait_s=0.005, cache_bytes=0)
-        task = progress.add_task(f"PurifyStage {mode}", total=rounds * len(requests))
+    """Images/s and latency by kind for each mode in MODES, on the 90/10 mix of ``clean`` and
+    ``attacked`` (N, H, W, 3) uint8 images (the same N, the same order)."""
+    requests, kinds = traffic(clean, attacked, seed)
+    out: dict[str, Any] = {"images": len(requests), "attacked": kinds.count("attacked")}
+    for mode, clients, whole in MODES:
+        stage = PurifyStage(
+            purifier, max_batch=clients, max_wait_s=0.005, cache_bytes=0, whole_batches=whole
+        )
+        task = progress.add_task(f"PurifyStage {mode}", total=len(requests))
         try:
-            seconds, mean_batch = asyncio.run(
-                _drive(stage, groups, rounds, max_batch > 1, partial(progress.advance, task))
+            seconds, latency, mean_batch = asyncio.run(
+                _serve(stage, requests, clients, partial(progress.advance, task))
             )
         finally:
             stage.close()
         out[mode] = {
-            "max_batch": max_batch,
+            "clients": clients,
             "seconds": seconds,
-            "images_per_s": rounds * len(requests) / seconds,
+            "images_per_s": len(requests) / seconds,
             "mean_batch_size": mean_batch,
+            **{
+                kind: _percentiles([t for t, k in zip(latency, kinds, strict=True) if k == kind])
+                for kind in ("clean", "attacked")
+            },
         }
-    out["speedup"] = out["concurrent_16"]["images_per_s"] / out["one_at_a_time"]["images_per_s"]
+    base = out["one_at_a_time"]["images_per_s"]
+    for mode, _, _ in MODES[1:]:
+        out[mode]["speedup"] = out[mode]["images_per_s"] / base
     return out

@@ -171,12 +171,25 @@ def print_mix(console: Console, mix: dict[str, Any], rows: dict[str, dict[str, A
 
 
 def print_batching(console: Console, batching: dict[str, Any]) -> None:
-    b1, b16 = batching["one_at_a_time"], batching["concurrent_16"]
-    console.print(
-        f"micro-batching (PurifyStage, {batching['defense']}, {batching['images']} images): "
-        f"one at a time {b1['images_per_s']:.1f} img/s, 16 concurrent {b16['images_per_s']:.1f} "
-        f"img/s (mean batch {b16['mean_batch_size']:.1f}): {batching['speedup']:.2f}×"
+    table = Table(
+        title=f"Serving through PurifyStage ({batching['defense']}): {batching['images']} "
+        f"requests, {batching['attacked']} attacked, closed-loop clients, cache off"
     )
+    for column in ("mode", "clients", "img/s", "× one at a time", "images per call"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for kind in ("clean", "attacked"):
+        table.add_column(f"{kind} p50 / p95 ms", justify="right")
+    for mode in ("one_at_a_time", "whole_batches_16", "stepping_16"):
+        m = batching[mode]
+        table.add_row(
+            mode,
+            str(m["clients"]),
+            _num(m["images_per_s"]),
+            _num(m.get("speedup"), 2) if "speedup" in m else "1",
+            _num(m["mean_batch_size"]),
+            *(f"{m[k]['p50_ms']:.0f} / {m[k]['p95_ms']:.0f}" for k in ("clean", "attacked")),
+        )
+    console.print(table)
 
 
 def print_adaptive(console: Console, adaptive: dict[str, Any], args: argparse.Namespace) -> None:

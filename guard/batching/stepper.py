@@ -16,7 +16,8 @@ class Stepper(Protocol[T, R]):
 
     ``admit`` adds items under the worker's keys, all or none (raise before adding any);
     ``step`` returns the items finished by it, as (key, result); ``live`` counts admitted items
-    not yet returned; ``abandon`` drops them all (after a failed step)."""
+    not yet returned; ``drop`` forgets some of them (their callers gave up), ``abandon`` all
+    (after a failed step). Keys are hashable by identity."""
 
     @property
     def live(self) -> int: ...
@@ -24,6 +25,8 @@ class Stepper(Protocol[T, R]):
     def admit(self, keys: list[object], items: list[T]) -> None: ...
 
     def step(self) -> list[tuple[object, R]]: ...
+
+    def drop(self, keys: list[object]) -> None: ...
 
     def abandon(self) -> None: ...
 
@@ -55,6 +58,11 @@ class WholeBatches(Generic[T, R]):
                 f"for {len(items)} items"
             )
         return list(zip(keys, results, strict=True))
+
+    def drop(self, keys: list[object]) -> None:
+        gone = set(keys)
+        kept = [(k, x) for k, x in zip(self._keys, self._items, strict=True) if k not in gone]
+        self._keys, self._items = [k for k, _ in kept], [x for _, x in kept]
 
     def abandon(self) -> None:
         self._keys, self._items = [], []

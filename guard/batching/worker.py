@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import logging
 import threading
 import time
@@ -80,6 +79,7 @@ class BatchWorker(Generic[T, R]):
         # hold it only for an append, so the event loop never waits on model work.
         self._cond = threading.Condition()
         self._queue: collections.deque[Job[T, R]] = collections.deque()
+        self._gone: set[Job[T, R]] = set()  # taken jobs whose callers gave up
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -167,9 +167,14 @@ class BatchWorker(Generic[T, R]):
             self._cond.notify()
 
     def _withdraw(self, job: Job[T, R]) -> None:
-        # ValueError: already taken into a batch; its result will be dropped on delivery.
-        with self._cond, contextlib.suppress(ValueError):
-            self._queue.remove(job)
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                # Already taken: the model thread drops it before its next step, so a stepper
+                # spends no more model calls on it (a batch inside fn still completes, and
+                # its result is dropped on delivery).
+                self._gone.add(job)
 
     def _fail_all(self, jobs: list[Job[T, R]]) -> None:
         for job in jobs:
@@ -204,6 +209,7 @@ class BatchWorker(Generic[T, R]):
         live: dict[object, Job[T, R]] = {}  # admitted jobs by key: the jobs themselves
         try:
             while True:
+                self._forget(live)
                 jobs = self._take(self._max_batch - len(live), wait=not live)
                 if jobs is None:
                     break
@@ -221,6 +227,16 @@ class BatchWorker(Generic[T, R]):
                 leftover = list(self._queue)
                 self._queue.clear()
             self._fail_all([*live.values(), *leftover])
+
+    def _forget(self, live: dict[object, Job[T, R]]) -> None:
+        """Drop the live jobs whose callers gave up since the last step."""
+        with self._cond:
+            gone, self._gone = self._gone, set()
+        dropped: list[object] = [job for job in gone if job in live]
+        if dropped:
+            self._work.drop(dropped)
+            for job in dropped:
+                del live[job]
 
     def _admit(self, jobs: list[Job[T, R]], live: dict[object, Job[T, R]]) -> None:
         try:

@@ -68,8 +68,10 @@ class PurifyConfig(StageConfig):
         None, description="block when the adversarial score exceeds this; null = never block"
     )
     device: str = "cpu"
-    max_batch: int = Field(16, ge=1, description="images per model call")
-    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company")
+    max_batch: int = Field(
+        16, ge=1, description="images in flight at once (one model call advances them all)"
+    )
+    max_wait_ms: float = Field(5.0, ge=0, description="how long an idle worker waits for company")
     max_queue: int = Field(256, ge=1, description="waiting images before requests are refused")
     cache_bytes: int = Field(64 * MiB, ge=0, description="purified-image cache; 0 disables")
 

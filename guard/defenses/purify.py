@@ -81,7 +81,10 @@ class PurifyStage:
         max_batch: int = 16,
         max_wait_s: float = 0.005,
         max_queue: int = 256,
+        whole_batches: bool = False,
     ) -> None:
+        """``whole_batches`` runs each micro-batch to its deepest image before the next one
+        starts (the scheduling before stepping), for benchmarks to compare against."""
         if block_score is not None and profile is None:
             raise ConfigError("purify.block_score needs a calibration profile (purify.profile)")
         self.purifier = purifier
@@ -94,8 +97,14 @@ class PurifyStage:
         self._key = hashlib.sha256(
             json.dumps(key, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
+
+        def whole_batch(images: list[Image.Image]) -> list[Purified]:
+            tensors = [pil_to_tensor(im) for im in images]
+            return [_purified(r) for r in purifier.purify_batch(tensors)]
+
+        work = whole_batch if whole_batches else _Chains(purifier.stepper())
         self._worker: BatchWorker[Image.Image, Purified] = BatchWorker(
-            _Chains(purifier.stepper()),
+            work,
             name=NAME,
             max_batch=max_batch,
             max_wait_s=max_wait_s,
@@ -216,6 +225,9 @@ class _Chains:
 
     def step(self) -> list[tuple[object, Purified]]:
         return [(chain.key, _purified(chain_result(chain))) for chain in self._stepper.advance()]
+
+    def drop(self, keys: list[object]) -> None:
+        self._stepper.drop(keys)
 
     def abandon(self) -> None:
         self._stepper.abandon()

@@ -123,6 +123,11 @@ class PurifyStepper:
         self.chains = [c for c in self.chains if c.phase != "done"]
         return done
 
+    def drop(self, keys: list[object]) -> None:
+        """Forget the chains of these keys (nobody waits for them any more)."""
+        gone = set(keys)
+        self.chains = [c for c in self.chains if c.key not in gone]
+
     def abandon(self) -> None:
         self.chains = []
 

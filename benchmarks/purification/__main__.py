@@ -18,7 +18,7 @@ import benchmarks.purification
 from benchmarks.purification import summary, tables
 from benchmarks.purification.adaptive import run_adaptive
 from benchmarks.purification.attacks import make_attacks
-from benchmarks.purification.batching import measure_batching
+from benchmarks.purification.batching import measure_batching_apart
 from benchmarks.purification.calibration import calibrate_encoders
 from benchmarks.purification.common import (
     FIXED_T,
@@ -230,8 +230,15 @@ def main(argv: list[str] | None = None) -> int:
             staged = next(d for d in reversed(defenses) if d.encoder == "hf")
             assert staged.purifier is not None
             attacked = next(c for c in conditions if c.key == "untargeted_8")
-            batching = measure_batching(
-                staged.purifier, images, attacked.images, progress, seed=args.seed
+            batching = measure_batching_apart(
+                world,
+                args.hf_features,
+                staged.purifier.settings,
+                images,
+                attacked.images,
+                progress,
+                seed=args.seed,
+                threads=args.threads,
             )
             batching["defense"] = staged.label
 

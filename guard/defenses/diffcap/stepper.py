@@ -44,7 +44,7 @@ Phase = Literal["start", "noise", "check", "reverse", "done"]
 
 @dataclass(eq=False)
 class Chain:
-    """One image's purification in progress (identity equality: chains are keys)."""
+    """One image's purification in progress (compared by identity)."""
 
     key: object
     size: tuple[int, int]  # the input's (H, W), restored at the end

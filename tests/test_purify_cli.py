@@ -132,3 +132,35 @@ def test_bad_input_is_one_line(args: list[str], needle: str, model_flags: list[s
     done = _cli(args[0], *model_flags, *args[1:])
     assert done.returncode == 2
     assert needle in done.stderr and "Traceback" not in done.stderr
+
+
+def test_calibrate_the_look_confirming_a_stop(tmp_path: Path, model_flags: list[str]) -> None:
+    data = tmp_path / "clean"
+    data.mkdir()
+    for i in range(4):
+        gradient(16, 16, seed=20 + i).save(data / f"{i}.png")
+    out = ["--data", str(data), "--out", str(tmp_path / "p.json"), "--confirm-quantile", "0.25"]
+    env = {
+        "VLM_GUARD_PURIFY__T_MAX": "0.02",
+        "VLM_GUARD_PURIFY__T_ESCALATE": "0.04",
+        "VLM_GUARD_PURIFY__SIGNAL": "denoised",
+    }
+    refused = _cli("calibrate", *model_flags, *out, env=env)
+    assert refused.returncode == 2
+    assert "--confirm-quantile needs purify.confirm_steps > 0" in refused.stderr
+    env["VLM_GUARD_PURIFY__CONFIRM_STEPS"] = "10"
+    done = _cli("calibrate", *model_flags, *out, env=env)
+    assert done.returncode == 0, done.stderr
+    profile = PurifyProfile.load(tmp_path / "p.json")
+    assert json.loads(done.stdout)["confirm_tau"] == profile.confirm_tau is not None
+    assert (profile.confirm_steps, profile.confirm_quantile) == (10, 0.25)
+    ran = _cli(
+        "run", *model_flags, "--profile", str(tmp_path / "p.json"), str(data / "0.png"),
+        "--out", str(tmp_path / "o"), env=env,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    line = json.loads(ran.stdout)
+    # τ stops within k_max = 20 and the look at t* + 10 decides: kept there, or sent to 40.
+    assert line["confirm_drift"] is not None
+    below = line["confirm_drift"] < profile.confirm_tau
+    assert (line["stopped"], line["t_star"]) == ("escalated", 40) if below else line["t_star"] <= 20

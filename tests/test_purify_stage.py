@@ -25,8 +25,9 @@ from guard.defenses.diffcap import (
     pil_to_tensor,
     tensor_to_pil,
 )
+from guard.defenses.diffcap.loading import load_purifier
 from guard.defenses.diffcap.profile import PurifyProfile, calibrate, calibrate_purifier
-from guard.defenses.purify import PurifyStage, load_purifier
+from guard.defenses.purify import PurifyStage
 from guard.errors import Overloaded
 from guard.intake.decode import image_digest
 from guard.metrics import Metrics

@@ -18,8 +18,8 @@ from guard.config import PurifyConfig
 from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import BackdoorProfile
 from guard.defenses.diffcap import Purifier
+from guard.defenses.diffcap.loading import load_purifier
 from guard.defenses.diffcap.purifier import pil_to_tensor, tensor_to_pil
-from guard.defenses.purify import load_purifier
 from guard.toy.checks import purify_config
 from guard.toy.vlm import ATTACK_RESPONSE, answer_images
 

@@ -45,6 +45,12 @@ def add_parser(sub: Any) -> None:
         help="also calibrate the drift rule: the share of clean images it may escalate "
         "(needs signal: denoised in the config)",
     )
+    calibrate.add_argument(
+        "--confirm-quantile",
+        type=float,
+        help="also calibrate the look confirming a stop (purify.confirm_steps in the config): "
+        "the share of clean images it may escalate on top of the drift rule's",
+    )
     calibrate.add_argument("--limit", type=int, help="use at most this many images")
     calibrate.add_argument("--batch", type=int, default=32)
     run = tools.add_parser("run", help="purify image files")
@@ -93,8 +99,8 @@ def _calibrate(args: argparse.Namespace, cfg: PurifyConfig) -> int:
     from rich.progress import Progress
 
     from guard.defenses.diffcap import Trace
+    from guard.defenses.diffcap.loading import load_purifier
     from guard.defenses.diffcap.profile import calibrate_purifier
-    from guard.defenses.purify import load_purifier
 
     if args.profile is not None:
         raise ConfigError("calibrate makes a profile; --profile belongs to 'purify run'")
@@ -107,6 +113,8 @@ def _calibrate(args: argparse.Namespace, cfg: PurifyConfig) -> int:
     target = args.target_steps or purifier.k_min + 2 * cfg.check_every
     if args.drift_quantile is not None and cfg.signal != "denoised":
         raise ConfigError("--drift-quantile needs purify.signal: denoised")
+    if args.confirm_quantile is not None and not cfg.confirm_steps:
+        raise ConfigError("--confirm-quantile needs purify.confirm_steps > 0 in the config")
     traces: list[Trace] = []
     with Progress(transient=True) as progress:
         task = progress.add_task("noising clean images", total=len(paths))
@@ -121,6 +129,7 @@ def _calibrate(args: argparse.Namespace, cfg: PurifyConfig) -> int:
             quantile=args.quantile,
             identity=identity,
             drift_quantile=args.drift_quantile,
+            confirm_quantile=args.confirm_quantile,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -130,6 +139,7 @@ def _calibrate(args: argparse.Namespace, cfg: PurifyConfig) -> int:
         "images": profile.images,
         "tau": profile.tau,
         "drift_tau": profile.drift_tau,
+        "confirm_tau": profile.confirm_tau,
         "clean_t_star_mean": round(profile.clean_mean, 2),
         "clean_t_star_std": round(profile.clean_std, 2),
     }
@@ -139,7 +149,7 @@ def _calibrate(args: argparse.Namespace, cfg: PurifyConfig) -> int:
 
 def _run(args: argparse.Namespace, cfg: PurifyConfig) -> int:
     from guard.defenses.diffcap import tensor_to_pil
-    from guard.defenses.purify import load_purifier
+    from guard.defenses.diffcap.loading import load_purifier
 
     purifier, _, profile = load_purifier(cfg)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +164,7 @@ def _run(args: argparse.Namespace, cfg: PurifyConfig) -> int:
             "stopped": result.stopped,
             "similarity": [round(s, 6) for s in result.similarities],
             "drift": [round(d, 6) for d in result.drifts],
+            "confirm_drift": result.confirm_drift,
             "unet_evals": result.unet_evals,
         }
         if profile is not None:

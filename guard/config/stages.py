@@ -61,6 +61,18 @@ class PurifyConfig(StageConfig):
         le=1,
         description="escalate when cos(phi(x0 estimate), phi(input)) < this (signal=denoised)",
     )
+    confirm_steps: int = Field(
+        0,
+        ge=0,
+        description="look this many noise steps past a stop by tau before trusting it "
+        "(a multiple of check_every; signal=denoised; 0 = no look)",
+    )
+    confirm_tau: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="at the look, escalate when cos(phi(x0 estimate), phi(input)) < this",
+    )
     sampler: Literal["ddpm", "ddim"] = "ddim"
     ddim_steps: int = Field(10, ge=1)
     seed: int = 0
@@ -87,6 +99,15 @@ class PurifyConfig(StageConfig):
             raise ValueError("encoder_features: patches needs encoder: hf (open_clip pools)")
         if self.drift_tau is not None and self.signal != "denoised":
             raise ValueError("drift_tau needs signal: denoised (x_k drifts for every image)")
+        if self.confirm_steps % self.check_every:
+            raise ValueError(
+                f"confirm_steps ({self.confirm_steps}) must be a multiple of check_every "
+                f"({self.check_every})"
+            )
+        if self.confirm_steps and self.signal != "denoised":
+            raise ValueError("confirm_steps needs signal: denoised (the look reads x0 estimates)")
+        if self.confirm_tau is not None and not self.confirm_steps:
+            raise ValueError("confirm_tau needs confirm_steps > 0 (how far to look)")
         return self
 
 

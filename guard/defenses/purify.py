@@ -16,7 +16,6 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -27,12 +26,10 @@ from guard.config import ConfigError, PurifyConfig
 from guard.defenses.diffcap import (
     Purifier,
     PurifyResult,
-    PurifySettings,
-    load_diffusion,
-    load_encoder,
     pil_to_tensor,
     tensor_to_pil,
 )
+from guard.defenses.diffcap.loading import load_purifier
 from guard.defenses.diffcap.profile import PurifyProfile
 from guard.defenses.diffcap.purifier import chain_result
 from guard.defenses.diffcap.stepper import PurifyStepper
@@ -42,9 +39,6 @@ from guard.types import Decision, GuardRequest, ImageInput
 
 log = logging.getLogger(__name__)
 NAME = "purify"
-# Bump when load_purifier's identity gains or loses a field: a profile made before cannot match,
-# and cached toy-world profiles are rebuilt (their component key includes it).
-IDENTITY_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +50,7 @@ class Purified:
     steps: int  # t*
     similarity: tuple[float, ...]
     drift: tuple[float, ...]  # with the drift rule on: cos(φ(x̂_0), φ(input)) per check
+    confirm_drift: float | None  # the same at the look confirming a stop, where one was taken
     stopped: str
     unet_evals: int
     encoder_evals: int
@@ -156,6 +151,7 @@ class PurifyStage:
                     "steps": r.steps,
                     "similarity": list(r.similarity),
                     "drift": list(r.drift),
+                    "confirm_drift": r.confirm_drift,
                     "stopped": r.stopped,
                     "score": s,
                     "unet_evals": r.unet_evals,
@@ -241,78 +237,8 @@ def _purified(r: PurifyResult) -> Purified:
         steps=r.t_star,
         similarity=tuple(r.similarities),
         drift=tuple(r.drifts),
+        confirm_drift=r.confirm_drift,
         stopped=r.stopped,
         unet_evals=r.unet_evals,
         encoder_evals=r.encoder_evals,
     )
-
-
-def load_purifier(
-    cfg: PurifyConfig, *, use_profile: bool = True
-) -> tuple[Purifier, dict[str, Any], PurifyProfile | None]:
-    """The purifier ``cfg`` names, its identity (what a profile must match) and its profile."""
-    if cfg.diffusion is None:
-        raise ConfigError("purify.diffusion must name a diffusers DDPM checkpoint (id or dir)")
-    if cfg.encoder_model is None:
-        raise ConfigError("purify.encoder_model must name the encoder (see purify.encoder)")
-    profile = PurifyProfile.load(cfg.profile) if use_profile and cfg.profile else None
-    for key in ("tau", "drift_tau"):
-        if profile is not None and key in cfg.model_fields_set:
-            raise ConfigError(f"set purify.{key} or purify.profile, not both (the profile has it)")
-    for key, where in (("diffusion", cfg.diffusion), ("encoder_model", cfg.encoder_model)):
-        local = where.removeprefix("local-dir:")
-        # A hub id is "org/name"; a path that is plainly local and missing fails fast here
-        # instead of after a hub lookup that cannot succeed.
-        if local.startswith(("/", "./", "../", "~")) and not Path(local).expanduser().exists():
-            raise ConfigError(f"purify.{key}: no such file or directory: {local}")
-    try:
-        unet, scheduler = load_diffusion(cfg.diffusion, device=cfg.device)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load purify.diffusion {cfg.diffusion!r}: {_line(e)}") from None
-    try:
-        encoder = load_encoder(
-            cfg.encoder,
-            cfg.encoder_model,
-            cfg.encoder_pretrained,
-            device=cfg.device,
-            features=cfg.encoder_features,
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ConfigError(
-            f"cannot load purify.encoder_model {cfg.encoder_model!r}: {_line(e)}"
-        ) from None
-    settings = PurifySettings(
-        tau=profile.tau if profile is not None else cfg.tau,
-        check_every=cfg.check_every,
-        t_max=cfg.t_max,
-        t_min=cfg.t_min,
-        signal=cfg.signal,
-        t_escalate=cfg.t_escalate,
-        drift_tau=profile.drift_tau if profile is not None else cfg.drift_tau,
-        sampler=cfg.sampler,
-        ddim_steps=cfg.ddim_steps,
-        seed=cfg.seed,
-    )
-    identity = {
-        "diffusion": cfg.diffusion,
-        "encoder": cfg.encoder,
-        "encoder_model": cfg.encoder_model,
-        "encoder_pretrained": cfg.encoder_pretrained,
-        "check_every": cfg.check_every,
-        "t_max": cfg.t_max,
-        "t_min": cfg.t_min,
-        "signal": cfg.signal,
-        "t_escalate": cfg.t_escalate,
-    }
-    if cfg.encoder_features != "pooled":
-        # Only when set: profiles made before the option embedded pooled features and stay valid.
-        identity["encoder_features"] = cfg.encoder_features
-    if profile is not None:
-        profile.check_matches(identity)
-    return Purifier(unet, scheduler, encoder, settings), identity, profile
-
-
-def _line(error: BaseException) -> str:
-    """The first line of an error, for a one-line start-up message (never sent to clients)."""
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__

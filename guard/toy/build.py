@@ -96,7 +96,7 @@ def build_world(options: BuildOptions, console: Console | None = None) -> dict[s
 
 def _build(options: BuildOptions, console: Console) -> dict[str, Any]:
     from guard.defenses.bye.monitor import IDENTITY_VERSION as BACKDOOR_IDENTITY
-    from guard.defenses.purify import IDENTITY_VERSION as PURIFY_IDENTITY
+    from guard.defenses.diffcap.loading import IDENTITY_VERSION as PURIFY_IDENTITY
     from guard.toy.clip import ClipSettings, train_clip
     from guard.toy.diffusion import DiffusionSettings, train_diffusion
     from guard.toy.judge import train_world_reasoner

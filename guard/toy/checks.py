@@ -78,8 +78,8 @@ def purify_profile(out: Path, directory: Path, progress: Progress, n: int | None
     """Calibrate τ on the clean validation images, as ``vlm-guard purify calibrate`` does."""
     from guard.config import PurifyConfig
     from guard.defenses.diffcap import Trace
+    from guard.defenses.diffcap.loading import load_purifier
     from guard.defenses.diffcap.profile import calibrate_purifier
-    from guard.defenses.purify import load_purifier
 
     purifier, identity, _ = load_purifier(
         PurifyConfig(**purify_config(out, profile=False)), use_profile=False

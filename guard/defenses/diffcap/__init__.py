@@ -2,7 +2,8 @@
 
 The model-side core, plain synchronous torch: embedding backends (``encoders``), diffusion
 loading and per-sample reverse sampling (``diffusion``), the stop rule's settings
-(``settings``) and the batch purifier (``purifier``).
+(``settings``), the batch purifier (``purifier``) stepping each image's chain (``stepper``),
+its calibration (``profile``) and the purifier a guard config names (``loading``).
 """
 
 from guard.defenses.diffcap.diffusion import (

@@ -10,6 +10,11 @@ budget is counted on top of it: target_steps ≥ k_min.
 Optionally the drift rule's threshold too (signal="denoised"): following each clean image's
 checks up to where τ stops it, m_i is its lowest cos(φ(x̂_0(x_k)), φ(x)); drift_tau is the
 ⌊drift_quantile·n⌋-th smallest m_i (0-based), so at most that share of clean images escalates.
+Optionally the threshold of the look that confirms a stop (``confirm_steps``): each clean image
+that τ stops at check j (and the drift rule lets through) has the drift at check
+j + confirm_steps/check_every, read from its trace, which runs on past k_max for this; the rest
+count as +∞. confirm_tau is the ⌊confirm_quantile·n⌋-th smallest (0-based): at most that share
+of clean images escalates on top of the drift rule's.
 The clean t* distribution under these thresholds becomes the reference for the adversarial score,
 z = (t* − mean) / max(std, check_every): how many clean spreads more noise an image needed.
 
@@ -49,6 +54,9 @@ class PurifyProfile:
     k_min: int = 0  # the noise floor it was calibrated with (also in identity, as t_min)
     drift_tau: float | None = None  # the drift rule's threshold; None: the rule is off
     drift_quantile: float | None = None  # the share of clean images it may escalate
+    confirm_steps: int = 0  # how far the look confirming a stop goes (0: no look calibrated)
+    confirm_tau: float | None = None
+    confirm_quantile: float | None = None  # the share of clean images the look may escalate
 
     def score(self, steps: int) -> float:
         """How far beyond clean images this t* is, in clean standard deviations."""
@@ -79,10 +87,36 @@ def stop_step(
     drifts: Sequence[float] = (),
     drift_tau: float | None = None,
     k_escalate: int | None = None,
+    confirm_steps: int = 0,
+    confirm_tau: float | None = None,
 ) -> int:
     """t* of a noise-only trace (check j at step (j + 1)·check_every) under τ and, given the
-    check's drifts, the drift rule; as ``Purifier`` does, drift is tested before τ."""
+    check's drifts, the drift rule and the look confirming a stop; as ``Purifier`` does,
+    drift is tested before τ."""
     escalate = k_max if k_escalate is None else k_escalate
+    j = _tau_stop(trace, tau, check_every, k_max, k_min, drifts, drift_tau)
+    if j is None:
+        return escalate
+    if confirm_tau is not None:
+        look = j + confirm_steps // check_every
+        if look >= len(drifts):
+            raise ValueError(f"the trace ends before the look at step {(look + 1) * check_every}")
+        if drifts[look] < confirm_tau:
+            return escalate
+    return (j + 1) * check_every
+
+
+def _tau_stop(
+    trace: Sequence[float],
+    tau: float,
+    check_every: int,
+    k_max: int,
+    k_min: int,
+    drifts: Sequence[float],
+    drift_tau: float | None,
+) -> int | None:
+    """The check at which τ stops the trace, or None where the drift rule or the cap sends
+    it on."""
     for j, similarity in enumerate(trace):
         step = (j + 1) * check_every
         if step > k_max:
@@ -90,10 +124,10 @@ def stop_step(
         if step < k_min:
             continue
         if drift_tau is not None and j < len(drifts) and drifts[j] < drift_tau:
-            return escalate
+            return None
         if similarity >= tau:
-            return step
-    return escalate
+            return j
+    return None
 
 
 def calibrate_purifier(
@@ -104,6 +138,7 @@ def calibrate_purifier(
     quantile: float,
     identity: Mapping[str, Any],
     drift_quantile: float | None = None,
+    confirm_quantile: float | None = None,
 ) -> PurifyProfile:
     """:func:`calibrate` with the bounds ``purifier`` noises with (traces from its ``traces``)."""
     return calibrate(
@@ -117,6 +152,8 @@ def calibrate_purifier(
         drifts=[t.drifts for t in traces],
         drift_quantile=drift_quantile,
         k_escalate=purifier.k_escalate,
+        confirm_steps=purifier.settings.confirm_steps,
+        confirm_quantile=confirm_quantile,
     )
 
 
@@ -132,8 +169,11 @@ def calibrate(
     drifts: Sequence[Sequence[float]] | None = None,
     drift_quantile: float | None = None,
     k_escalate: int | None = None,
+    confirm_steps: int = 0,
+    confirm_quantile: float | None = None,
 ) -> PurifyProfile:
-    """Pick τ (and drift_tau) from clean images' full traces (noised to ``k_max``, no stop)."""
+    """Pick τ (and drift_tau, confirm_tau) from clean images' full traces (noised to ``k_max``
+    and ``confirm_steps`` on, no stop)."""
     if not traces:
         raise ValueError("calibration needs at least one image")
     if not 0 < quantile <= 1:
@@ -156,6 +196,26 @@ def calibrate(
         if drifts is None or len(drifts) != len(traces) or any(not d for d in drifts):
             raise ValueError("the drift rule needs every image's drifts (signal='denoised')")
         drift_tau = _drift_threshold(traces, drifts, tau, check_every, k_max, k_min, drift_quantile)
+    confirm_tau = None
+    if confirm_quantile is not None:
+        if confirm_steps <= 0 or confirm_steps % check_every:
+            raise ValueError(
+                f"confirm_quantile needs confirm_steps, a positive multiple of check_every="
+                f"{check_every}, got {confirm_steps}"
+            )
+        if drifts is None or len(drifts) != len(traces):
+            raise ValueError("the look confirming a stop needs every image's drifts")
+        confirm_tau = _confirm_threshold(
+            traces,
+            drifts,
+            tau,
+            drift_tau,
+            check_every,
+            k_max,
+            k_min,
+            confirm_steps,
+            confirm_quantile,
+        )
     steps = np.array(
         [
             stop_step(
@@ -167,6 +227,8 @@ def calibrate(
                 drifts=d,
                 drift_tau=drift_tau,
                 k_escalate=k_escalate,
+                confirm_steps=confirm_steps,
+                confirm_tau=confirm_tau,
             )
             for t, d in zip(traces, drifts or [()] * len(traces), strict=True)
         ],
@@ -185,6 +247,9 @@ def calibrate(
         k_min=k_min,
         drift_tau=drift_tau,
         drift_quantile=drift_quantile,
+        confirm_steps=confirm_steps if confirm_tau is not None else 0,
+        confirm_tau=confirm_tau,
+        confirm_quantile=confirm_quantile,
     )
 
 
@@ -207,3 +272,33 @@ def _drift_threshold(
         lowest.append(min(seen) if seen else math.inf)
     # Images whose lowest drift is below the threshold escalate: at most ⌊q·n⌋ of them.
     return float(sorted(lowest)[math.floor(quantile * len(lowest) + 1e-9)])
+
+
+def _confirm_threshold(
+    traces: Sequence[Sequence[float]],
+    drifts: Sequence[Sequence[float]],
+    tau: float,
+    drift_tau: float | None,
+    check_every: int,
+    k_max: int,
+    k_min: int,
+    confirm_steps: int,
+    quantile: float,
+) -> float:
+    """The ⌊quantile·n⌋-th smallest drift at the look after each clean image's stop by τ
+    (+∞ for images that τ does not stop)."""
+    if not 0 <= quantile < 1:
+        raise ValueError(f"confirm_quantile must be in [0, 1), got {quantile}")
+    looks = []
+    for t, d in zip(traces, drifts, strict=True):
+        j = _tau_stop(t, tau, check_every, k_max, k_min, d, drift_tau)
+        if j is None:
+            looks.append(math.inf)
+            continue
+        look = j + confirm_steps // check_every
+        if look >= len(d):
+            raise ValueError(
+                f"every trace needs checks up to k_max + confirm_steps = {k_max + confirm_steps}"
+            )
+        looks.append(d[look])
+    return float(sorted(looks)[math.floor(quantile * len(looks) + 1e-9)])

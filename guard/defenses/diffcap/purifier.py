@@ -46,6 +46,8 @@ class PurifyResult:
     drifts: tuple[float, ...]
     unet_evals: int  # the reverse chain's, plus one per embedding with signal="denoised"
     encoder_evals: int  # φ(x_0) (or φ at the check before the floor) plus one per check
+    # cos(φ(x̂_0), φ(x)) at the look that confirmed (or overturned) a stop by τ; None: no look
+    confirm_drift: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,14 @@ class Purifier:
         self.k_escalate = self.k_max if escalate is None else round(escalate * T)
         if self.k_max < 1:
             raise ValueError(f"t_max={self.settings.t_max} of T={T} rounds to 0 noising steps")
+        # The look that confirms a stop may reach k_max + confirm_steps; escalation noises on
+        # from there, so it must not lie beyond the escalation depth.
+        self.k_trace = self.k_max + self.settings.confirm_steps
+        if self.settings.confirm_tau is not None and self.k_trace > self.k_escalate:
+            raise ValueError(
+                f"t_max·T + confirm_steps = {self.k_trace} must not exceed the escalation depth "
+                f"{self.k_escalate} (raise t_escalate)"
+            )
         size = self.settings.resolution or unet.config.sample_size
         self.resolution: tuple[int, int] = (
             (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -93,8 +103,9 @@ class Purifier:
         return results
 
     def traces(self, images: Sequence[torch.Tensor]) -> list[Trace]:
-        """Every check's similarity (and drift, with signal="denoised") up to k_max, with no
-        stop and no denoising: what calibration works from."""
+        """Every check's similarity (and drift, with signal="denoised") up to k_max, and on to
+        k_max + confirm_steps for the look that confirms a stop, with no stop and no denoising:
+        what calibration works from."""
         chains = _run(self.stepper(stop=False), images)
         return [Trace(tuple(c.similarities), tuple(c.drifts)) for c in chains]
 
@@ -125,6 +136,7 @@ def chain_result(chain: Chain) -> PurifyResult:
         drifts=tuple(chain.drifts),
         unet_evals=len(chain.timesteps) + chain.check_unet_evals,
         encoder_evals=chain.encoder_evals,
+        confirm_drift=chain.confirm_drift,
     )
 
 

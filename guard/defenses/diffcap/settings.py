@@ -39,6 +39,15 @@ class PurifySettings:
     # lets through attacked images whose estimate settles early, but settles away from the
     # input; clean estimates stay close to it. Needs signal="denoised"; calibrate it too.
     drift_tau: float | None = None
+    # A stop by τ must hold one look further: the image is noised on ``confirm_steps`` more
+    # (a multiple of check_every), and if the x̂_0 estimate there has drifted from the input
+    # below ``confirm_tau`` it escalates; otherwise it denoises from where τ stopped it (x_k is
+    # kept aside). On the toy world some attacked estimates still look like the input 5 steps
+    # in but not 15: the look costs one UNet and one encoder call per stopped image, and no
+    # reverse steps. confirm_tau None turns it off; calibration traces still run confirm_steps
+    # past k_max, so that confirm_tau can be calibrated. Needs signal="denoised".
+    confirm_steps: int = 0
+    confirm_tau: float | None = None
     sampler: Sampler = "ddim"
     ddim_steps: int = 10  # the main cost knob: UNet evaluations per image ≤ ddim_steps
     seed: int = 0
@@ -67,6 +76,18 @@ class PurifySettings:
                 raise ValueError(f"drift_tau must be a cosine in [-1, 1], got {self.drift_tau}")
             if self.signal != "denoised":
                 raise ValueError("drift_tau needs signal='denoised' (x_k drifts for every image)")
+        if self.confirm_steps < 0 or self.confirm_steps % self.check_every:
+            raise ValueError(
+                f"confirm_steps must be a multiple of check_every={self.check_every} (0: off), "
+                f"got {self.confirm_steps}"
+            )
+        if self.confirm_tau is not None:
+            if self.confirm_steps == 0:
+                raise ValueError("confirm_tau needs confirm_steps > 0 (how far to look)")
+            if not (math.isfinite(self.confirm_tau) and -1 <= self.confirm_tau <= 1):
+                raise ValueError(f"confirm_tau must be a cosine in [-1, 1], got {self.confirm_tau}")
+            if self.signal != "denoised" or self.tau is None:
+                raise ValueError("confirm_tau needs signal='denoised' and a stop rule (tau)")
         if self.signal not in ("noisy", "denoised"):
             raise ValueError(f"signal must be 'noisy' or 'denoised', got {self.signal!r}")
         if self.sampler not in ("ddpm", "ddim"):

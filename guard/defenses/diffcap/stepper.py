@@ -10,8 +10,10 @@ is done; a :class:`guard.batching.BatchWorker` drives the stepper for the purify
 A chain's life (DESIGN.md §4.1): ``start`` embeds x at the step before the first check allowed
 (k = 0 without a floor; the floor's noise is added on admission) and, where the drift rule
 needs it, the input itself; ``noise`` adds the noise up to the next check; ``check`` embeds
-x_k (or the UNet's x̂_0 from it) and stops, escalates or goes on; ``reverse`` takes one step of
-the reverse chain per step. Every draw comes from the image's own generator, in the same order
+x_k (or the UNet's x̂_0 from it) and stops, escalates or goes on; a stop by τ may first be
+confirmed by a look ``confirm_steps`` further (x_k is held meanwhile; the chain noises on, one
+more check, then escalates or returns to x_k); ``reverse`` takes one step of the reverse chain
+per step. Every draw comes from the image's own generator, in the same order
 whoever shares the step, so results do not depend on the company (to float rounding).
 """
 
@@ -64,6 +66,10 @@ class Chain:
     check_unet_evals: int = 0
     timesteps: list[int] = field(default_factory=list)  # the reverse chain, once noised
     position: int = 0  # the next entry of ``timesteps``
+    # While a stop by τ is being confirmed: x_k and k where τ stopped it (the chain noises on).
+    held: torch.Tensor | None = None  # (3, R, R)
+    held_k: int = 0
+    confirm_drift: float | None = None  # cos(φ(x̂_0), φ(x)) at the look, once taken
 
 
 class PurifyStepper:
@@ -81,7 +87,12 @@ class PurifyStepper:
         # precedes the first one allowed to (checks fall on multiples of check_every).
         first = max(1, math.ceil(purifier.k_min / s.check_every)) * s.check_every
         self._k_start = min(first - s.check_every, purifier.k_max) if stop else 0
-        self._drift = s.signal == "denoised" and (s.drift_tau is not None or not stop)
+        # Calibration traces run on past k_max to where a look confirming a stop may reach.
+        self._cap = purifier.k_max if stop else purifier.k_trace
+        self._confirm = stop and s.confirm_tau is not None
+        self._drift = s.signal == "denoised" and (
+            s.drift_tau is not None or self._confirm or not stop
+        )
         self._alphas = padded_alphas(purifier.schedule, purifier.unet.device)  # (T+1,)
 
     @property
@@ -134,12 +145,18 @@ class PurifyStepper:
     # -- one step's parts --------------------------------------------------------------------
 
     def _noise(self, chains: list[Chain]) -> None:
-        """Noise up to each chain's next check; a chain whose cap falls between two checks
-        has reached k_max without a check there."""
-        p, every = self.purifier, self.purifier.settings.check_every
-        for k, group in itertools.groupby(sorted(chains, key=lambda c: c.k), key=lambda c: c.k):
+        """Noise up to each chain's next check (for a held stop: its confirming look); a chain
+        whose cap falls between two checks has reached it without a check there."""
+        p, s = self.purifier, self.purifier.settings
+        every = s.check_every
+
+        def target(c: Chain) -> tuple[int, int]:
+            if c.held is not None:
+                return c.k, c.held_k + s.confirm_steps
+            return c.k, min(c.k + every, self._cap)
+
+        for (k, until), group in itertools.groupby(sorted(chains, key=target), key=target):
             members = list(group)
-            until = min(k + every, p.k_max)
             x = noise_steps(
                 torch.stack([c.x for c in members]),
                 p.schedule,
@@ -220,7 +237,7 @@ class PurifyStepper:
                 if self._drift and chain.k == 0:
                     chain.e_input = e[j].clone()  # φ(x_0) is φ(x): no second call
                 chain.phase = "noise"
-                if chain.k >= p.k_max:
+                if chain.k >= self._cap:
                     self._capped(chain)
         if checking:
             rows = torch.tensor([j for j, _ in checking], device=e.device)
@@ -237,6 +254,9 @@ class PurifyStepper:
             inputs = torch.stack([c.e_input for c in chains])  # (A, D)
             drift = F.cosine_similarity(e, inputs, dim=-1).tolist()  # (A,)
         for chain, ej, c, d in zip(chains, e, cos, drift, strict=True):
+            if chain.held is not None:
+                self._confirmed(chain, d)
+                continue
             chain.e_prev = ej
             chain.similarities.append(float(c))
             if self._drift:
@@ -244,11 +264,26 @@ class PurifyStepper:
             if self.stop and s.drift_tau is not None and d < s.drift_tau:
                 self._denoise_from(chain, self.purifier.k_escalate, "escalated")
             elif self.stop and s.tau is not None and c >= s.tau:
-                self._denoise_from(chain, chain.k, "tau")
-            elif chain.k >= self.purifier.k_max:
+                if self._confirm:
+                    chain.held, chain.held_k, chain.phase = chain.x, chain.k, "noise"
+                else:
+                    self._denoise_from(chain, chain.k, "tau")
+            elif chain.k >= self._cap:
                 self._capped(chain)
             else:
                 chain.phase = "noise"
+
+    def _confirmed(self, chain: Chain, drift: float) -> None:
+        """The look after a stop by τ: escalate if the estimate has drifted from the input,
+        else denoise from where τ stopped the chain."""
+        assert chain.held is not None and self.purifier.settings.confirm_tau is not None
+        chain.confirm_drift = drift
+        if drift < self.purifier.settings.confirm_tau:
+            chain.held = None
+            self._denoise_from(chain, self.purifier.k_escalate, "escalated")
+        else:
+            chain.x, chain.k, chain.held = chain.held, chain.held_k, None
+            self._denoise_from(chain, chain.k, "tau")
 
     def _capped(self, chain: Chain) -> None:
         """At k_max without a stop: sent on to k_escalate where that is deeper. Without

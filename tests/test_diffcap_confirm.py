@@ -133,6 +133,16 @@ def test_a_confirmed_stop_denoises_from_where_tau_stopped(diffusion: Diffusion) 
     assert plain_calls == [4, 4, 3, 2, 1, 0]
 
 
+def test_a_confirmed_stop_denoises_the_held_sample_itself(diffusion: Diffusion) -> None:
+    # DDIM draws no noise in reverse: denoising the held x_5 gives the no-look pixels exactly,
+    # where x_15 (the look's sample) would give others.
+    image = _image(6)
+    looked = _purifier(diffusion, tau=-1.0, confirm_tau=-1.0, sampler="ddim", ddim_steps=5)
+    plain = _purifier(diffusion, tau=-1.0, confirm_steps=0, sampler="ddim", ddim_steps=5)
+    (a,), (b,) = looked.purify_batch([image]), plain.purify_batch([image])
+    assert (a.t_star, b.t_star) == (5, 5) and torch.equal(a.image, b.image)
+
+
 def test_an_overturned_stop_escalates_on_the_same_noise_path(diffusion: Diffusion) -> None:
     purifier = _purifier(diffusion, tau=-1.0, confirm_tau=1.0)  # every look fails
     image = _image(2)

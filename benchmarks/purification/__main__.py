@@ -74,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
         "of clean images",
     )
     parser.add_argument(
+        "--confirm-steps",
+        type=int,
+        default=0,
+        help="DiffCAP (--signal denoised): look this many noise steps past a stop by τ, and "
+        "escalate if the x0 estimate there drifted (a multiple of --check-every; 0: no look)",
+    )
+    parser.add_argument(
+        "--confirm-quantile",
+        type=float,
+        help="DiffCAP with --confirm-steps: calibrate the look to escalate this share of clean "
+        "images on top of the drift rule's",
+    )
+    parser.add_argument(
         "--signal",
         choices=("noisy", "denoised"),
         default="noisy",
@@ -197,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.drift_quantile is not None and args.signal != "denoised":
         console.print("[red]--drift-quantile needs --signal denoised[/red]")
+        return 2
+    if (args.confirm_quantile is not None) != (args.confirm_steps > 0) or (
+        args.confirm_steps and args.signal != "denoised"
+    ):
+        console.print("[red]--confirm-steps and --confirm-quantile go together, with "
+                      "--signal denoised[/red]")  # fmt: skip
         return 2
     console.print(
         f"toy world {world} ({manifest.get('mode')}, seed {manifest.get('seed')}): "

@@ -37,6 +37,7 @@ def calibrate_tau(
         quantile=args.quantile,
         identity={"encoder": name, "check_every": purifier.settings.check_every},
         drift_quantile=args.drift_quantile,
+        confirm_quantile=args.confirm_quantile,
     )
 
 

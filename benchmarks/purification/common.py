@@ -102,6 +102,7 @@ def diffcap_settings(args: argparse.Namespace, **more: Any) -> PurifySettings:
         t_min=args.t_min,
         signal=args.signal,
         t_escalate=args.t_escalate,
+        confirm_steps=args.confirm_steps,
         seed=args.seed,
         **more,
     )

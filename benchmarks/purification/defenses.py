@@ -56,6 +56,7 @@ def build_defenses(
                 args,
                 tau=profiles[name].tau,
                 drift_tau=profiles[name].drift_tau,
+                confirm_tau=profiles[name].confirm_tau,
                 sampler=sampler,
                 ddim_steps=args.ddim_steps,
             )

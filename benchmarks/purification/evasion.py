@@ -8,6 +8,10 @@ attack maximises the VLM's loss on x̂₀(x_k) (k: the first check, one UNet cal
 noise) minus a hinge on that cosine below max(drift_tau, tau) plus a margin. White-box: it
 knows the UNet, φ and both thresholds. (Under a floor τ compares with the check before it;
 the hinge then still keeps the drift, not necessarily τ, satisfied.)
+
+With a look that confirms the stop (``confirm_tau``), a second hinge keeps x̂₀ at the look
+(k + confirm_steps, its own noise draw) within confirm_tau of the image too: the attacker knows
+the look as well.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ def drift_evading_attack(
     # The first check that may stop an image (checks fall on multiples of check_every).
     k = max(1, math.ceil(purifier.k_min / settings.check_every)) * settings.check_every
     a = schedule.alphas_cumprod.float()[k - 1]  # after k noising steps: timestep k - 1
+    # (steps, ᾱ, the cosine to keep) of each estimate the attack must keep close to the image.
+    looks = [(k, a, target)]
+    if settings.confirm_tau is not None:
+        k_look = k + settings.confirm_steps
+        a_look = schedule.alphas_cumprod.float()[k_look - 1]
+        looks.append((k_look, a_look, settings.confirm_tau + MARGIN))
     truth = [answer(int(label)) for label in labels]
     eps = 8 / 255
     pgd_settings = PGDSettings(eps=eps, step=eps / 4, steps=args.evasion_steps, seed=args.seed)
@@ -62,12 +72,15 @@ def drift_evading_attack(
         e_x = encoder.forward(x)  # (N, D)
         total = torch.zeros(x.shape[0])
         for _ in range(args.eot_draws):
-            x_k = a.sqrt() * x + (1 - a).sqrt() * torch.randn(x.shape, generator=generator)
-            out = unet(x_k, torch.full((x.shape[0],), k - 1, dtype=torch.long)).sample
-            x0 = predict_x0(schedule, out, x_k, a).clamp(-1, 1)
-            drift = F.cosine_similarity(encoder.forward(x0), e_x)  # (N,)
-            fool = answer_loss(model, processor, x0, truth)
-            total = total + fool - WEIGHT * F.relu(target - drift)
+            for j, (steps, alpha, keep) in enumerate(looks):
+                noise = torch.randn(x.shape, generator=generator)
+                x_k = alpha.sqrt() * x + (1 - alpha).sqrt() * noise
+                t = torch.full((x.shape[0],), steps - 1, dtype=torch.long)
+                x0 = predict_x0(schedule, unet(x_k, t).sample, x_k, alpha).clamp(-1, 1)
+                drift = F.cosine_similarity(encoder.forward(x0), e_x)  # (N,)
+                total = total - WEIGHT * F.relu(keep - drift)
+                if j == 0:  # the image is denoised from the first check: fool the VLM there
+                    total = total + answer_loss(model, processor, x0, truth)
         progress.advance(task)
         mean: torch.Tensor = total / args.eot_draws
         return mean

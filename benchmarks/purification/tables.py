@@ -84,6 +84,12 @@ def print_t_star(
                 if p.drift_tau is not None and p.drift_quantile is not None
                 else ""
             )
+            + (
+                f"; confirm_tau {p.confirm_tau:.6f} {p.confirm_steps} steps on (escalates ≤ "
+                f"{100 * p.confirm_quantile:.0f}% more)"
+                if p.confirm_tau is not None and p.confirm_quantile is not None
+                else ""
+            )
             + (f"; t* same for DDPM and DDIM: {same[name]}" if name in same else "")
         )
     tstar = Table(

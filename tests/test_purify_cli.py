@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -34,11 +35,30 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-def test_calibrate_then_run_with_the_profile(tmp_path: Path, model_flags: list[str]) -> None:
+def _clean_dir(tmp_path: Path, n: int, seed: int, size: tuple[int, int] = (16, 16)) -> Path:
+    """n small clean PNGs to calibrate on."""
     data = tmp_path / "clean"
     data.mkdir()
-    for i in range(6):
-        gradient(24, 20, seed=i).save(data / f"{i}.png")
+    for i in range(n):
+        gradient(*size, seed=seed + i).save(data / f"{i}.png")
+    return data
+
+
+def _run_one(
+    model_flags: list[str], tmp_path: Path, image: Path, env: dict[str, str]
+) -> dict[str, Any]:
+    """``purify run`` on one image with the profile at tmp_path/p.json: its JSON line."""
+    ran = _cli(
+        "run", *model_flags, "--profile", str(tmp_path / "p.json"), str(image),
+        "--out", str(tmp_path / "o"), env=env,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    line: dict[str, Any] = json.loads(ran.stdout)
+    return line
+
+
+def test_calibrate_then_run_with_the_profile(tmp_path: Path, model_flags: list[str]) -> None:
+    data = _clean_dir(tmp_path, 6, 0, (24, 20))
     (data / "notes.txt").write_text("not an image")  # skipped: not an image suffix
     env = {"VLM_GUARD_PURIFY__T_MAX": "0.03"}  # 30 steps: 6 checks of 5
     profile_path = tmp_path / "profile.json"
@@ -93,10 +113,7 @@ def test_calibrate_then_run_with_the_profile(tmp_path: Path, model_flags: list[s
 
 
 def test_calibrate_the_drift_rule_and_run_with_it(tmp_path: Path, model_flags: list[str]) -> None:
-    data = tmp_path / "clean"
-    data.mkdir()
-    for i in range(4):
-        gradient(16, 16, seed=10 + i).save(data / f"{i}.png")
+    data = _clean_dir(tmp_path, 4, 10)
     out = ["--data", str(data), "--out", str(tmp_path / "p.json"), "--drift-quantile", "0.25"]
     env = {"VLM_GUARD_PURIFY__T_MAX": "0.02", "VLM_GUARD_PURIFY__T_ESCALATE": "0.04"}
     refused = _cli("calibrate", *model_flags, *out, env=env)
@@ -108,12 +125,7 @@ def test_calibrate_the_drift_rule_and_run_with_it(tmp_path: Path, model_flags: l
     profile = PurifyProfile.load(tmp_path / "p.json")
     assert json.loads(done.stdout)["drift_tau"] == profile.drift_tau
     assert profile.drift_quantile == 0.25 and profile.drift_tau is not None
-    ran = _cli(
-        "run", *model_flags, "--profile", str(tmp_path / "p.json"), str(data / "0.png"),
-        "--out", str(tmp_path / "o"), env=env,
-    )  # fmt: skip
-    assert ran.returncode == 0, ran.stderr
-    line = json.loads(ran.stdout)
+    line = _run_one(model_flags, tmp_path, data / "0.png", env)
     assert line["drift"] and all(-1 <= d <= 1 for d in line["drift"])
     # Escalated (to 40) where the estimate drifted below drift_tau; kept shallow otherwise.
     below = min(line["drift"]) < profile.drift_tau
@@ -135,10 +147,7 @@ def test_bad_input_is_one_line(args: list[str], needle: str, model_flags: list[s
 
 
 def test_calibrate_the_look_confirming_a_stop(tmp_path: Path, model_flags: list[str]) -> None:
-    data = tmp_path / "clean"
-    data.mkdir()
-    for i in range(4):
-        gradient(16, 16, seed=20 + i).save(data / f"{i}.png")
+    data = _clean_dir(tmp_path, 4, 20)
     out = ["--data", str(data), "--out", str(tmp_path / "p.json"), "--confirm-quantile", "0.25"]
     env = {
         "VLM_GUARD_PURIFY__T_MAX": "0.02",
@@ -154,12 +163,7 @@ def test_calibrate_the_look_confirming_a_stop(tmp_path: Path, model_flags: list[
     profile = PurifyProfile.load(tmp_path / "p.json")
     assert json.loads(done.stdout)["confirm_tau"] == profile.confirm_tau is not None
     assert (profile.confirm_steps, profile.confirm_quantile) == (10, 0.25)
-    ran = _cli(
-        "run", *model_flags, "--profile", str(tmp_path / "p.json"), str(data / "0.png"),
-        "--out", str(tmp_path / "o"), env=env,
-    )  # fmt: skip
-    assert ran.returncode == 0, ran.stderr
-    line = json.loads(ran.stdout)
+    line = _run_one(model_flags, tmp_path, data / "0.png", env)
     # τ stops within k_max = 20 and the look at t* + 10 decides: kept there, or sent to 40.
     assert line["confirm_drift"] is not None
     below = line["confirm_drift"] < profile.confirm_tau

@@ -97,13 +97,20 @@ def stop_step(
     j = _tau_stop(trace, tau, check_every, k_max, k_min, drifts, drift_tau)
     if j is None:
         return escalate
-    if confirm_tau is not None:
-        look = j + confirm_steps // check_every
-        if look >= len(drifts):
-            raise ValueError(f"the trace ends before the look at step {(look + 1) * check_every}")
-        if drifts[look] < confirm_tau:
-            return escalate
+    if confirm_tau is not None and _look(drifts, j, check_every, confirm_steps) < confirm_tau:
+        return escalate
     return (j + 1) * check_every
+
+
+def _look(drifts: Sequence[float], j: int, check_every: int, confirm_steps: int) -> float:
+    """The drift at the look that confirms a stop at check j."""
+    look = j + confirm_steps // check_every
+    if look >= len(drifts):
+        raise ValueError(
+            f"the trace ends before the look at step {(look + 1) * check_every} "
+            "(calibration traces must run on to k_max + confirm_steps)"
+        )
+    return drifts[look]
 
 
 def _tau_stop(
@@ -292,13 +299,5 @@ def _confirm_threshold(
     looks = []
     for t, d in zip(traces, drifts, strict=True):
         j = _tau_stop(t, tau, check_every, k_max, k_min, d, drift_tau)
-        if j is None:
-            looks.append(math.inf)
-            continue
-        look = j + confirm_steps // check_every
-        if look >= len(d):
-            raise ValueError(
-                f"every trace needs checks up to k_max + confirm_steps = {k_max + confirm_steps}"
-            )
-        looks.append(d[look])
+        looks.append(math.inf if j is None else _look(d, j, check_every, confirm_steps))
     return float(sorted(looks)[math.floor(quantile * len(looks) + 1e-9)])

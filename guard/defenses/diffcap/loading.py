@@ -30,6 +30,25 @@ def load_purifier(
     for key in ("tau", "drift_tau", "confirm_tau"):
         if profile is not None and key in cfg.model_fields_set:
             raise ConfigError(f"set purify.{key} or purify.profile, not both (the profile has it)")
+    identity = {
+        "diffusion": cfg.diffusion,
+        "encoder": cfg.encoder,
+        "encoder_model": cfg.encoder_model,
+        "encoder_pretrained": cfg.encoder_pretrained,
+        "check_every": cfg.check_every,
+        "t_max": cfg.t_max,
+        "t_min": cfg.t_min,
+        "signal": cfg.signal,
+        "t_escalate": cfg.t_escalate,
+    }
+    if cfg.encoder_features != "pooled":
+        # Only when set: profiles made before the option embedded pooled features and stay valid.
+        identity["encoder_features"] = cfg.encoder_features
+    if cfg.confirm_steps:
+        # A confirm_tau holds for the span it was calibrated at; older profiles have no look.
+        identity["confirm_steps"] = cfg.confirm_steps
+    if profile is not None:  # before the models load: a wrong profile fails at once
+        profile.check_matches(identity)
     for key, where in (("diffusion", cfg.diffusion), ("encoder_model", cfg.encoder_model)):
         local = where.removeprefix("local-dir:")
         # A hub id is "org/name"; a path that is plainly local and missing fails fast here
@@ -52,25 +71,6 @@ def load_purifier(
         raise ConfigError(
             f"cannot load purify.encoder_model {cfg.encoder_model!r}: {_line(e)}"
         ) from None
-    identity = {
-        "diffusion": cfg.diffusion,
-        "encoder": cfg.encoder,
-        "encoder_model": cfg.encoder_model,
-        "encoder_pretrained": cfg.encoder_pretrained,
-        "check_every": cfg.check_every,
-        "t_max": cfg.t_max,
-        "t_min": cfg.t_min,
-        "signal": cfg.signal,
-        "t_escalate": cfg.t_escalate,
-    }
-    if cfg.encoder_features != "pooled":
-        # Only when set: profiles made before the option embedded pooled features and stay valid.
-        identity["encoder_features"] = cfg.encoder_features
-    if cfg.confirm_steps:
-        # A confirm_tau holds for the span it was calibrated at; older profiles have no look.
-        identity["confirm_steps"] = cfg.confirm_steps
-    if profile is not None:
-        profile.check_matches(identity)
     try:
         return _build(cfg, profile, unet, scheduler, encoder), identity, profile
     except ValueError as e:  # settings that only the loaded models show wrong (k_max vs T)

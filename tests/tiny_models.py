@@ -1,4 +1,5 @@
-"""Tiny seeded models saved in their libraries' native formats, for the DiffCAP tests."""
+"""Tiny seeded models saved in their libraries' native formats, for the DiffCAP and backdoor
+tests."""
 
 from __future__ import annotations
 
@@ -86,3 +87,59 @@ def save_tiny_llava(path: Path, *, layers: int = 3, seed: int = 0) -> Any:
     model.save_pretrained(path)
     build_processor(tokenizer, patch=8).save_pretrained(path)
     return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def save_tiny_llava_next(path: Path, *, layers: int = 2, seed: int = 0) -> Any:
+    """A tiny random LLaVA-NeXT saved at ``path``: each image is tiled by its aspect ratio
+    (pinpoints 32×32, 32×64, 64×32 of 8-px patches), so images of different shapes get
+    different numbers of image tokens. Returned loaded back with eager attention."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    from guard.toy.vlm_parts import CHAT_TEMPLATE, corpus, llava_config, train_tokenizer
+    from guard.toy.vlm_parts import vision_config as tiny_vision_config
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(corpus(), vocab_size=300)
+    base = llava_config(
+        tokenizer, vision=tiny_vision_config(width=32, layers=1, patch=8), width=32, layers=layers
+    )
+    # Wider initial weights than the default 0.02: attention far from uniform, so an entropy
+    # taken over the wrong tokens cannot pass for the right one.
+    base.text_config.initializer_range = 0.3
+    pinpoints = [[32, 32], [32, 64], [64, 32]]
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=base.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=pinpoints,
+        image_mean=MEAN,
+        image_std=STD,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(path)
+    return LlavaNextForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager"
+    ).eval()

@@ -133,9 +133,7 @@ class EntropyProbe:
         self, image_mask: torch.Tensor, watched: set[int], found: dict[int, torch.Tensor]
     ) -> Iterator[None]:
         deepest = max(watched)
-        counts = image_mask.sum(-1)  # (B,)
-        if not bool((counts == counts[0]).all()):
-            raise ValueError("every row must hold the same number of image tokens")
+        keep_image = image_mask[:, None, :].float()  # (B, 1, T)
 
         def keep(index: int) -> Any:
             def hook(_module: nn.Module, _args: Any, output: Any) -> None:
@@ -143,10 +141,11 @@ class EntropyProbe:
                 if weights is None:
                     raise RuntimeError(f"layer {index}: attention weights were not returned")
                 last = weights[:, :, -1, :].float()  # (B, heads, T): the last prompt token
-                b, heads, _ = last.shape
-                # Per row its own image positions (left padding moves them with prompt length).
-                image = last.transpose(1, 2)[image_mask].view(b, -1, heads).transpose(1, 2)
-                rows = torch.cat([image.mean(1, keepdim=True), image], dim=1)  # (B, 1 + H, N)
+                # Each row's own image positions, zero elsewhere: left padding moves them, and
+                # rows may hold different numbers of image tokens (LLaVA-NeXT tiles each image
+                # by its size). A zero adds nothing to the entropy of the renormalised row.
+                image = last * keep_image  # (B, heads, T)
+                rows = torch.cat([image.mean(1, keepdim=True), image], dim=1)  # (B, 1 + H, T)
                 found[index] = entropy(rows)  # (B, 1 + heads)
                 if index == deepest:
                     raise _Enough  # not even this layer's MLP is needed

@@ -16,6 +16,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from guard.config import ConfigError
 from guard.defenses.backdoor import BackdoorStage
@@ -168,6 +169,44 @@ def test_a_profile_for_another_model_stops_start_up(
         )
 
 
+def test_the_weights_dtype_is_part_of_the_profile(
+    tmp_path: Path, upstream: AppServer, llava: tuple[Path, dict[str, Any]]
+) -> None:
+    """A profile calibrated on bfloat16 weights is refused by a guard that loads them as the
+    checkpoint's float32 (entropies move with the dtype), and serves with backdoor.dtype."""
+    path, identity = llava
+    model, _ = load_model(path, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and identity["dtype"] == "float32"
+    half = model_identity(path, model)
+    assert half["dtype"] == "bfloat16"
+    profile = _profile(tmp_path, half, clean_mean=100.0)  # flags everything
+    with pytest.raises(ConfigError, match="differs in: config_sha256, dtype, weights_sha256"):
+        _guard(upstream, path, profile)
+    guard = RunningGuard(
+        upstream.url + "/v1",
+        {
+            "pipeline": {"defenses": ["backdoor"]},
+            "backdoor": {"model": str(path), "profile": str(profile), "dtype": "bfloat16"},
+        },
+    )
+    try:
+        body = {"model": "echo", "messages": image_message(data_url(encode(gradient(32, 32))))}
+        response = httpx.post(guard.url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "content_policy_violation"
+    finally:
+        guard.close()
+    # The bfloat16 probe measures what float32 does, to bfloat16's precision.
+    image = [gradient(32, 32, seed=4)]
+    signals = []
+    for loaded in (load_model(path, dtype="bfloat16"), load_model(path)):
+        probe = EntropyProbe(*loaded)
+        signals.append(probe.signals(probe.prepare(image, ["hi"])))
+    torch.testing.assert_close(signals[0], signals[1], atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32"):
+        load_model(path, dtype="float64")
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "guard", *args],
@@ -232,5 +271,11 @@ def test_calibrate_and_scan_commands(tmp_path: Path, llava: tuple[Path, dict[str
     assert again.returncode == 0, again.stderr
     assert Path(report["scores_file"]).read_text().splitlines() == scores  # nothing rescored
     assert asdict(profile)["identity"]["model"] == str(path)
+    half = _cli(
+        "scan", *model, "--out", str(clean), "--profile", str(profile_path), "--dtype", "bfloat16"
+    )
+    assert (
+        half.returncode == 2 and "differs in: config_sha256, dtype, weights_sha256" in half.stderr
+    )
     bad = _cli("scan", "--model", str(path), "--data", str(tmp_path / "none.json"), "--out", "x")
     assert bad.returncode == 2 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr

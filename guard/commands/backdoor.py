@@ -15,9 +15,10 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from guard.config import ConfigError
+from guard.config.stages import Dtype
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", type=Path, help="image paths are relative to this")
     parser.add_argument("--batch", type=int, default=16, help="samples per prefill")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=get_args(Dtype),
+        default="auto",
+        help="load the weights in this dtype (auto: the checkpoint's); serve with the same",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -87,7 +94,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from guard.defenses.bye.probe import EntropyProbe
 
     try:
-        model, processor = load_model(args.model, args.device)
+        model, processor = load_model(args.model, args.device, args.dtype)
     except (OSError, ValueError) as e:
         line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ConfigError(f"cannot load --model {args.model!r}: {line}") from None

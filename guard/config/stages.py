@@ -12,6 +12,8 @@ from guard.config.sections import MiB, _Section
 DEFENSES = ("purify", "reasoner", "backdoor")
 FailMode = Literal["closed", "open"]
 Screen = Literal["purified", "received", "both"]  # which images the backdoor stage screens
+# How the monitored weights are loaded; "auto" keeps the checkpoint's, as vLLM's --dtype auto.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class StageConfig(_Section):
@@ -139,6 +141,11 @@ class BackdoorConfig(StageConfig):
         None, description="calibration profile (vlm-guard backdoor calibrate): layers, thresholds"
     )
     device: str = "cpu"
+    dtype: Dtype = Field(
+        "auto",
+        description="dtype the weights are loaded in (auto: the checkpoint's, as vLLM's --dtype "
+        "auto); calibrate the profile with the same (vlm-guard backdoor calibrate --dtype)",
+    )
     screen: Screen = Field(
         "both",
         description="which images to screen: those the model will see (purified), those the "

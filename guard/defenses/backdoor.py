@@ -143,7 +143,7 @@ def load_monitor(cfg: BackdoorConfig) -> Monitor:
     if local.startswith(("/", "./", "../", "~")) and not Path(local).expanduser().exists():
         raise ConfigError(f"backdoor.model: no such directory: {local}")
     try:
-        model, processor = load_model(cfg.model, cfg.device)
+        model, processor = load_model(cfg.model, cfg.device, cfg.dtype)
     except (OSError, ValueError) as e:
         line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ConfigError(f"cannot load backdoor.model {cfg.model!r}: {line}") from None

@@ -1,9 +1,10 @@
 """The monitored model with its profile: screen (image, prompt) pairs for backdoor triggers.
 
 The model is the one the upstream serves, loaded with transformers' auto classes (a hub id or a
-local directory) with eager attention. Its identity (name, configuration, size and a digest of
-its first and last weight tensors) goes into every profile, so a profile calibrated on another
-model is refused rather than silently misread.
+local directory) with eager attention, in the checkpoint's dtype unless told otherwise. Its
+identity (name, configuration, dtype, size and a digest of its first and last weight tensors)
+goes into every profile, so a profile calibrated on another model, or on the same weights in
+another dtype, is refused rather than silently misread.
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from PIL import Image
 
+from guard.config.stages import Dtype
 from guard.defenses.bye.crossview import CrossView, ViewSettings
 from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import BackdoorProfile, combined
 
 # Bump when model_identity's fields change (cached toy-world profiles are then rebuilt).
-IDENTITY_VERSION = 1
+IDENTITY_VERSION = 2
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,23 @@ class Screening:
     flagged: bool  # the profile's combination
 
 
-def load_model(source: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-    """A LLaVA-family model and its processor, as vLLM would serve it, with eager attention."""
+def load_model(source: str | Path, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Any]:
+    """A LLaVA-family model and its processor, as vLLM would serve it, with eager attention.
+    ``dtype``: one of DTYPES. Entropies depend on it a little, so a profile is made for one."""
+    import transformers
+    from packaging.version import Version
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    # transformers 4.56 renamed torch_dtype to dtype; older releases would take dtype for a
+    # configuration field and silently load float32 (a 7B model then needs 28 GB).
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    chosen = dtype if dtype == "auto" else getattr(torch, dtype)
     processor = AutoProcessor.from_pretrained(source)
-    model = AutoModelForImageTextToText.from_pretrained(source, attn_implementation="eager")
+    model = AutoModelForImageTextToText.from_pretrained(
+        source, attn_implementation="eager", **{key: chosen}
+    )
     return model.to(device).eval(), processor
 
 
@@ -64,6 +78,7 @@ def model_identity(source: str | Path, model: Any) -> dict[str, Any]:
     return {
         "model": str(source),
         "architecture": type(model).__name__,
+        "dtype": str(model.dtype).removeprefix("torch."),  # also in the config, but unnamed there
         "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16],
         "parameters": sum(p.numel() for p in params),
         "weights_sha256": digest.hexdigest()[:16],

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from guard.config import ConfigError
+from guard.defenses.bye import attention
 from guard.defenses.bye.audit import decide, score_all
 from guard.defenses.bye.channels import fit_gmm
 from guard.defenses.bye.crossview import CrossView, ViewSettings, js_divergence, patch_views
@@ -51,11 +52,24 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
     return [gradient(32, 32, seed=seed + i) for i in range(n)]
 
 
-def test_entropies_equal_a_direct_computation_from_full_attention(probe: EntropyProbe) -> None:
+@pytest.fixture(scope="module")
+def eager(llava: tuple[Path, Any, Any]) -> Any:
+    """The same weights with eager attention: full (B, heads, T, T) maps to check against."""
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(
+        llava[0], attn_implementation="eager"
+    ).eval()
+
+
+def test_entropies_equal_a_direct_computation_from_full_attention(
+    probe: EntropyProbe, eager: Any
+) -> None:
+    assert probe.model.config._attn_implementation == attention.NAME  # not eager: rows only
     batch = probe.prepare(_images(4), PROMPTS)  # prompts of different lengths: left padding
     got = probe.entropies(batch)  # (4, 3)
     with torch.inference_mode():
-        out = probe.model(**batch.inputs, output_attentions=True)
+        out = eager(**batch.inputs, output_attentions=True)
     expected = []
     for weights in out.attentions:  # (B, heads, T, T)
         rows = weights[:, :, -1, :].mean(1)  # (B, T)
@@ -79,6 +93,39 @@ def test_entropies_equal_a_direct_computation_from_full_attention(probe: Entropy
     # Each row alone gives its own numbers: the batch and its padding change nothing.
     alone = probe.entropies(probe.prepare(_images(1, seed=2), PROMPTS[2:3]))
     torch.testing.assert_close(alone[0], got[2], atol=1e-5, rtol=1e-5)
+    # A probe on the eager model reads the last row of its full maps: the same numbers.
+    torch.testing.assert_close(EntropyProbe(eager, probe.processor).signals(batch), signals)
+
+
+def test_the_row_attention_answers_as_sdpa_and_weighs_as_eager(
+    probe: EntropyProbe, eager: Any
+) -> None:
+    """The layers' outputs (so the next layers and the answers) are SDPA's, and the returned
+    row is eager's last row, with grouped-query heads and a boolean or additive mask."""
+    batch = probe.prepare(_images(3), PROMPTS[:3])
+    with torch.inference_mode():
+        rows = probe.model(**batch.inputs, output_attentions=True)
+        full = eager(**batch.inputs, output_attentions=True)
+    # Where a row is not padding; padded positions are garbage either way.
+    real = batch.inputs["attention_mask"].bool()  # (B, T)
+    torch.testing.assert_close(rows.logits[real], full.logits[real], atol=1e-5, rtol=1e-4)
+    for row, maps in zip(rows.attentions, full.attentions, strict=True):
+        assert row.shape == (*maps.shape[:2], 1, maps.shape[-1])
+        torch.testing.assert_close(row[:, :, 0], maps[:, :, -1])
+    answers = probe.model.generate(**batch.inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(answers, eager.generate(**batch.inputs, max_new_tokens=4, do_sample=False))
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    keep[0, :, :, 0] = False  # row 0: its first key is padding
+    got = attention.last_row_weights(query, key, keep, 0.5)  # (2, 4, 1, 5)
+    keys = key.repeat_interleave(2, dim=1)  # heads 0, 1 read key head 0; heads 2, 3 key head 1
+    scores = (query @ keys.transpose(2, 3)) * 0.5
+    expected = scores.masked_fill(~keep, float("-inf")).softmax(-1)[:, :, -1:]
+    torch.testing.assert_close(got, expected)
+    assert got[0, :, 0, 0].abs().max() == 0
+    additive = torch.zeros(2, 1, 5, 5).masked_fill(~keep, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(attention.last_row_weights(query, key, additive, 0.5), expected)
 
 
 def test_an_image_placeholder_in_the_text_cannot_break_the_prefill(probe: EntropyProbe) -> None:
@@ -141,12 +188,12 @@ def test_the_hooks_keep_one_number_per_row_and_leave_nothing_behind(probe: Entro
     assert [dict(m._forward_hooks) for m in modules] == before  # ours are gone
 
 
-def test_the_probe_refuses_a_model_without_eager_attention(llava: tuple[Path, Any, Any]) -> None:
+def test_the_probe_refuses_a_model_without_attention_weights(llava: tuple[Path, Any, Any]) -> None:
     path, _, processor = llava
     from transformers import LlavaForConditionalGeneration
 
     sdpa = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
-    with pytest.raises(ValueError, match="needs eager attention"):
+    with pytest.raises(ValueError, match="needs attention weights, got 'sdpa'"):
         EntropyProbe(sdpa, processor)
 
 

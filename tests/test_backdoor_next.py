@@ -56,8 +56,12 @@ def test_rows_with_different_numbers_of_image_tokens_share_a_batch(probe: Entrop
     counts = batch.image_mask.sum(-1).tolist()
     assert len(set(counts)) == 3, counts  # the shapes really do differ in tokens
     got = probe.signals(batch)  # (3, layers, 1 + heads)
+    from transformers import LlavaNextForConditionalGeneration
+
+    path = probe.model.name_or_path
+    eager = LlavaNextForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
     with torch.inference_mode():
-        out = probe.model(**batch.inputs, output_attentions=True)
+        out = eager.eval()(**batch.inputs, output_attentions=True)  # full maps to check against
     heads = out.attentions[0].shape[1]
     for layer, weights in enumerate(out.attentions):  # (B, heads, T, T)
         for row in range(3):

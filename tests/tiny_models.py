@@ -70,7 +70,8 @@ def unet_calls(unet: UNet2DModel) -> Iterator[list[torch.Tensor]]:
 
 def save_tiny_llava(path: Path, *, layers: int = 3, seed: int = 0) -> Any:
     """A tiny random LLaVA (8-px patches: 16 image tokens) + processor saved at ``path``;
-    returns the model, loaded back with eager attention as the backdoor monitor loads it."""
+    returns the model loaded back with eager attention (full maps, to check the monitor's rows
+    against)."""
     from transformers import LlavaForConditionalGeneration
 
     from guard.toy.vlm_parts import build_processor, corpus, llava_config, train_tokenizer

@@ -1,7 +1,8 @@
 """The monitored model with its profile: screen (image, prompt) pairs for backdoor triggers.
 
 The model is the one the upstream serves, loaded with transformers' auto classes (a hub id or a
-local directory) with eager attention, in the checkpoint's dtype unless told otherwise. Its
+local directory) with SDPA attention that also returns the rows the probe reads (eager where
+transformers cannot register it), in the checkpoint's dtype unless told otherwise. Its
 identity (name, configuration, dtype, size and a digest of its first and last weight tensors)
 goes into every profile, so a profile calibrated on another model, or on the same weights in
 another dtype, is refused rather than silently misread.
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from guard.config.stages import Dtype
+from guard.defenses.bye import attention
 from guard.defenses.bye.crossview import CrossView, ViewSettings
 from guard.defenses.bye.probe import EntropyProbe
 from guard.defenses.bye.profile import BackdoorProfile, combined
@@ -43,7 +45,8 @@ class Screening:
 
 
 def load_model(source: str | Path, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Any]:
-    """A LLaVA-family model and its processor, as vLLM would serve it, with eager attention.
+    """A LLaVA-family model and its processor, as vLLM would serve it, with attention that
+    also returns the last position's attention row (guard/defenses/bye/attention.py).
     ``dtype``: one of DTYPES. Entropies depend on it a little, so a profile is made for one."""
     import transformers
     from packaging.version import Version
@@ -57,7 +60,7 @@ def load_model(source: str | Path, device: str = "cpu", dtype: str = "auto") -> 
     chosen = dtype if dtype == "auto" else getattr(torch, dtype)
     processor = AutoProcessor.from_pretrained(source)
     model = AutoModelForImageTextToText.from_pretrained(
-        source, attn_implementation="eager", **{key: chosen}
+        source, attn_implementation=attention.implementation(), **{key: chosen}
     )
     return model.to(device).eval(), processor
 

@@ -3,10 +3,11 @@
 One prefill of (image + prompt, no answer). In each watched decoder layer, a forward hook on
 the self-attention module takes the last prompt token's attention row over the image tokens,
 renormalises it and keeps only Shannon entropies: of the head average (BYE's signal) and of
-each head alone, (B, 1 + heads) per layer, never the (B, heads, T, T) map, which eager
-attention builds and frees layer by layer. The hook on the deepest watched layer ends the
-forward right after its attention, so neither that layer's MLP nor the later layers nor the
-vocabulary projection are paid for.
+each head alone, (B, 1 + heads) per layer. The model loaded by monitor.load_model computes
+only that row, (B, heads, 1, T), beside SDPA's output (attention.py); an eager model builds the
+(B, heads, T, T) map and frees it layer by layer, and the hook reads its last row. The hook
+on the deepest watched layer ends the forward right after its attention, so neither that
+layer's MLP nor the later layers nor the vocabulary projection are paid for.
 
 Why single heads too: a trigger that fills one image token can be singled out by one head
 while the average over heads blurs it (an 8-px toy VLM, issue #5: one head of the first layer
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+
+from guard.defenses.bye import attention
 
 log = logging.getLogger(__name__)
 EPS = 1e-8  # BYE's: H = -Σ p ln(p + 1e-8)
@@ -64,11 +67,12 @@ class EntropyProbe:
 
     def __init__(self, model: Any, processor: Any) -> None:  # a transformers PreTrainedModel
         implementation = getattr(model.config, "_attn_implementation", None)
-        if implementation != "eager":
+        if implementation not in ("eager", attention.NAME):
             # sdpa/flash kernels never materialise attention probabilities for a hook to read.
             raise ValueError(
-                f"the backdoor monitor needs eager attention, got {implementation!r}; load the "
-                "model with attn_implementation='eager'"
+                f"the backdoor monitor needs attention weights, got {implementation!r}; load "
+                "the model with guard.defenses.bye.monitor.load_model, or with "
+                "attn_implementation='eager'"
             )
         self.model: Any = model.eval()
         self.processor = processor
@@ -140,6 +144,7 @@ class EntropyProbe:
                 weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                 if weights is None:
                     raise RuntimeError(f"layer {index}: attention weights were not returned")
+                # (B, heads, T, T) from eager, (B, heads, 1, T) from attention.NAME
                 last = weights[:, :, -1, :].float()  # (B, heads, T): the last prompt token
                 # Each row's own image positions, zero elsewhere: left padding moves them, and
                 # rows may hold different numbers of image tokens (LLaVA-NeXT tiles each image

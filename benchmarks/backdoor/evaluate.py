@@ -147,6 +147,7 @@ def evaluate(
         "cost": {
             **timing,
             "monitor_ratio": timing["monitor_s"] / timing["full_prefill_s"],
+            "monitor_eager_ratio": timing["monitor_eager_s"] / timing["full_prefill_s"],
             "crossview_ratio": timing.get("crossview_s", 0.0) / timing["full_prefill_s"],
             "monitor_ratio_by_deepest_layer": [
                 s / timing["full_prefill_s"] for s in timing["monitor_s_by_deepest_layer"]

@@ -95,33 +95,49 @@ def cost(
     heads: int,
     repeats: int,
 ) -> dict[str, Any]:
-    """Median seconds per batch of the full prefill (last-position logits, as a server
-    computes them), of the monitor's early-stopped probe (also as if each layer were the
-    deepest watched) and of the cross-view check; and the bytes each keeps of attention (the
-    probe: 1 + heads numbers per watched layer and row)."""
+    """Median seconds per batch of the full prefill (SDPA, last-position logits, as a server
+    computes it), of the monitor's early-stopped probe (also as if each layer were the deepest
+    watched, and on eager attention, which builds the full maps) and of the cross-view check;
+    and the bytes of attention weights: eager's maps, the row attention's rows, and what the
+    probe keeps (1 + heads numbers per watched layer and row)."""
     prompts = [prompt] * len(images)
     batch = probe.prepare(images, prompts)
-
-    def timed(fn: Callable[[], Any]) -> float:
-        fn()  # warm-up
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - start)
-        return float(np.median(runs))
-
-    full = timed(lambda: probe.model(**batch.inputs, use_cache=False, logits_to_keep=1))
-    monitor = timed(lambda: probe.signals(batch, layers))
-    out: dict[str, Any] = {"full_prefill_s": full, "monitor_s": monitor}
+    model = probe.model
+    mine = model.config._attn_implementation
+    # (attention implementation, what runs): taken in turn, once per repeat, so that a slow
+    # spell of this machine falls on all of them alike rather than on one block of repeats.
+    runs: dict[str, tuple[str, Callable[[], Any]]] = {
+        "full_prefill_s": (
+            "sdpa",
+            lambda: model(**batch.inputs, use_cache=False, logits_to_keep=1),
+        ),
+        "monitor_s": (mine, lambda: probe.signals(batch, layers)),
+        "monitor_eager_s": ("eager", lambda: probe.signals(batch, layers)),
+    }
     # The early stop's saving depends on where the profile's deepest channel sits: the cost
     # for each possible deepest layer shows how much of the ratio is the model, not the probe.
-    out["monitor_s_by_deepest_layer"] = [
-        timed(lambda i=layer: probe.signals(batch, [i])) for layer in range(probe.num_layers)
-    ]
+    for layer in range(probe.num_layers):
+        runs[f"deepest_{layer}"] = (mine, lambda i=layer: probe.signals(batch, [i]))
     if views is not None:
-        out["crossview_s"] = timed(lambda: views.divergences(images, prompts))
-    maps = probe.model(**batch.inputs, use_cache=False, output_attentions=True).attentions
-    out["attention_maps_bytes"] = float(sum(a.numel() * a.element_size() for a in maps))
-    out["monitor_kept_bytes"] = float(len(images) * len(layers) * (1 + heads) * 4)
+        runs["crossview_s"] = (mine, lambda: views.divergences(images, prompts, batch))
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    try:
+        for repeat in range(repeats + 1):  # the first round warms up
+            for name, (implementation, fn) in runs.items():
+                model.set_attn_implementation(implementation)
+                start = time.perf_counter()
+                fn()
+                if repeat:
+                    seconds[name].append(time.perf_counter() - start)
+    finally:
+        model.set_attn_implementation(mine)
+    out: dict[str, Any] = {name: float(np.median(s)) for name, s in seconds.items()}
+    out["monitor_s_by_deepest_layer"] = [
+        out.pop(f"deepest_{layer}") for layer in range(probe.num_layers)
+    ]
+    rows, length = batch.inputs["input_ids"].shape  # (B, T)
+    weights = len(images) * heads * probe.num_layers * model.dtype.itemsize  # per (query, key)
+    out["attention_maps_bytes"] = float(weights * length * length)  # eager: (B, H, T, T) a layer
+    out["attention_rows_bytes"] = float(weights * length)  # this probe: (B, H, 1, T) a layer
+    out["monitor_kept_bytes"] = float(rows * len(layers) * (1 + heads) * 4)
     return out

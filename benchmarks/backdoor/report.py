@@ -79,8 +79,10 @@ def table(console: Console, rows: dict[str, dict[str, Any]], args: argparse.Name
         )
         console.print(f"monitor cost ({kind}) if the deepest watched layer were: {by_layer}")
         console.print(
-            f"attention kept: {c['monitor_kept_bytes']:.0f} B by the probe vs "
-            f"{c['attention_maps_bytes'] / 1e6:.1f} MB of full maps (output_attentions), per batch"
+            f"probe on eager attention (full maps) {c['monitor_eager_ratio']:.2f}× prefill; "
+            f"attention weights built per batch: {c['attention_maps_bytes'] / 1e6:.1f} MB "
+            f"by eager, {c['attention_rows_bytes'] / 1e3:.1f} kB by the row attention; "
+            f"kept by the probe {c['monitor_kept_bytes']:.0f} B"
         )
 
 

@@ -175,7 +175,7 @@ def test_the_weights_dtype_is_part_of_the_profile(
     """A profile calibrated on bfloat16 weights is refused by a guard that loads them as the
     checkpoint's float32 (entropies move with the dtype), and serves with backdoor.dtype."""
     path, identity = llava
-    model, _ = load_model(path, dtype="bfloat16")
+    model, processor = load_model(path, dtype="bfloat16")
     assert model.dtype == torch.bfloat16 and identity["dtype"] == "float32"
     half = model_identity(path, model)
     assert half["dtype"] == "bfloat16"
@@ -199,8 +199,7 @@ def test_the_weights_dtype_is_part_of_the_profile(
     # The bfloat16 probe measures what float32 does, to bfloat16's precision.
     image = [gradient(32, 32, seed=4)]
     signals = []
-    for loaded in (load_model(path, dtype="bfloat16"), load_model(path)):
-        probe = EntropyProbe(*loaded)
+    for probe in (EntropyProbe(model, processor), EntropyProbe(*load_model(path))):
         signals.append(probe.signals(probe.prepare(image, ["hi"])))
     torch.testing.assert_close(signals[0], signals[1], atol=0.05, rtol=0)
     with pytest.raises(ValueError, match="dtype must be one of auto, float32"):

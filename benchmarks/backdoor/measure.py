@@ -136,8 +136,9 @@ def cost(
         out.pop(f"deepest_{layer}") for layer in range(probe.num_layers)
     ]
     rows, length = batch.inputs["input_ids"].shape  # (B, T)
-    weights = len(images) * heads * probe.num_layers * model.dtype.itemsize  # per (query, key)
-    out["attention_maps_bytes"] = float(weights * length * length)  # eager: (B, H, T, T) a layer
-    out["attention_rows_bytes"] = float(weights * length)  # this probe: (B, H, 1, T) a layer
+    # Bytes per (query, key) pair, summed over the batch, the heads and every layer.
+    weights = rows * heads * probe.num_layers * model.dtype.itemsize
+    out["attention_maps_bytes"] = float(weights * length * length)  # eager: (B, H, T, T) each
+    out["attention_rows_bytes"] = float(weights * length)  # the row attention: (B, H, 1, T) each
     out["monitor_kept_bytes"] = float(rows * len(layers) * (1 + heads) * 4)
     return out
